@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Sets up the machine (scripts/setup.sh), builds the templates the tests use (cached by
+# content under /var/cache/sandboxd), and runs the whole suite. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+.venv/bin/sandboxd template build standard
+exec .venv/bin/pytest "$@"
