@@ -1,0 +1,3 @@
+from sandboxd.cli.main import app
+
+app()

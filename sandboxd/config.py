@@ -1,0 +1,86 @@
+"""One typed configuration object, validated once at start and passed down.
+
+Every value can come from a CLI flag or a SANDBOXD_* environment variable; the CLI
+builds a Settings and hands it to the control plane and the worker.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_DATA_DIR = Path("/var/lib/sandboxd")
+DEFAULT_CACHE_DIR = Path("/var/cache/sandboxd")
+DEFAULT_LISTEN = "127.0.0.1:8080"
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not (0 < int(port) < 65536):
+        raise ValueError(f"listen address must be HOST:PORT, got {value!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path = DEFAULT_DATA_DIR
+    cache_dir: Path = DEFAULT_CACHE_DIR  # template builds, shared by every data dir on the host
+    listen: str = DEFAULT_LISTEN
+    database_url: str | None = None  # default: SQLite under data_dir
+    local_worker: bool = True
+    oci_runtime: str = "crun"  # crun | runc
+    advertise_address: str | None = None  # host in `endpoint`; default: the listen host
+    # Placement: a worker may promise this many times its real CPUs; memory is never overcommitted
+    # beyond memory_overcommit (1.0 = none).
+    cpu_overcommit: float = 8.0
+    memory_overcommit: float = 1.0
+    worker_vcpus: float | None = None  # default: os.cpu_count()
+    worker_memory_mib: int | None = None  # default: 90% of MemTotal
+    subnet: str = "10.200.0.0/16"
+    host_port_base: int = 30000
+    reaper_interval_seconds: float = 1.0
+    destroyed_retention_hours: float = 24.0
+    mirror: str = "http://deb.debian.org/debian"
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def sqlite_path(self) -> Path:
+        return self.data_dir / "sandboxd.db"
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite+aiosqlite:///{self.sqlite_path}"
+
+    @property
+    def listen_host_port(self) -> tuple[str, int]:
+        return parse_listen(self.listen)
+
+    @classmethod
+    def from_env(cls, **overrides) -> "Settings":
+        """Defaults, then SANDBOXD_* environment variables, then explicit overrides (CLI flags)."""
+        env = os.environ
+        values: dict = {}
+        if "SANDBOXD_DATA_DIR" in env:
+            values["data_dir"] = Path(env["SANDBOXD_DATA_DIR"])
+        if "SANDBOXD_CACHE_DIR" in env:
+            values["cache_dir"] = Path(env["SANDBOXD_CACHE_DIR"])
+        if "SANDBOXD_LISTEN" in env:
+            values["listen"] = env["SANDBOXD_LISTEN"]
+        if "SANDBOXD_DATABASE_URL" in env:
+            values["database_url"] = env["SANDBOXD_DATABASE_URL"]
+        if "SANDBOXD_OCI_RUNTIME" in env:
+            values["oci_runtime"] = env["SANDBOXD_OCI_RUNTIME"]
+        if "SANDBOXD_MIRROR" in env:
+            values["mirror"] = env["SANDBOXD_MIRROR"]
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        parse_listen(self.listen)
+        if self.oci_runtime not in ("crun", "runc"):
+            raise ValueError(f"oci_runtime must be crun or runc, got {self.oci_runtime!r}")
+        if self.cpu_overcommit <= 0 or self.memory_overcommit <= 0:
+            raise ValueError("overcommit ratios must be positive")
