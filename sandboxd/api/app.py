@@ -1,0 +1,62 @@
+"""The ASGI application: control plane, optional in-process local worker, reaper."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from fastapi import FastAPI
+
+from sandboxd import __version__
+from sandboxd.api.errors import install_error_handlers
+from sandboxd.api.routes import router
+from sandboxd.config import Settings
+from sandboxd.controlplane.reaper import run_reaper
+from sandboxd.controlplane.service import SandboxService
+from sandboxd.store.repo import Store
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        store = Store(settings.effective_database_url)
+        await store.open()
+        service = SandboxService(settings, store)
+        app.state.service = service
+        worker = None
+        if settings.local_worker:
+            from sandboxd.worker.manager import LocalWorker
+
+            worker = LocalWorker(settings)
+            await worker.start()
+            await service.register_worker(worker)
+        reaper = asyncio.create_task(run_reaper(service, settings.reaper_interval_seconds))
+        try:
+            yield
+        finally:
+            reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reaper
+            await service.activity.flush()
+            if worker is not None:
+                await worker.stop()
+            await store.close()
+
+    app = FastAPI(
+        title="sandboxd",
+        version=__version__,
+        description="Self-hostable sandboxes for AI agents: the Sandboxes API.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(router)
+
+    @app.get("/healthz", tags=["service"])
+    async def healthz():
+        return {"status": "ok", "version": __version__}
+
+    return app

@@ -1,0 +1,217 @@
+"""The `sandboxd` command: serve, keys, template."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sandboxd.config import Settings
+
+app = typer.Typer(help="Self-hostable sandboxes for AI agents.", no_args_is_help=True, add_completion=False)
+keys_app = typer.Typer(help="API keys (each belongs to a user, the tenant).", no_args_is_help=True)
+template_app = typer.Typer(help="Template images.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+app.add_typer(template_app, name="template")
+
+console = Console(stderr=True)
+DataDir = Annotated[
+    Optional[Path], typer.Option("--data-dir", envvar="SANDBOXD_DATA_DIR", help="State directory [/var/lib/sandboxd]")
+]
+CacheDir = Annotated[
+    Optional[Path],
+    typer.Option("--cache-dir", envvar="SANDBOXD_CACHE_DIR", help="Template build cache [/var/cache/sandboxd]"),
+]
+
+
+def _settings(**overrides) -> Settings:
+    try:
+        return Settings.from_env(**overrides)
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def serve(
+    listen: Annotated[Optional[str], typer.Option(help="HOST:PORT to listen on [127.0.0.1:8080]")] = None,
+    data_dir: DataDir = None,
+    cache_dir: CacheDir = None,
+    database: Annotated[
+        Optional[str], typer.Option("--database", envvar="SANDBOXD_DATABASE_URL", help="SQLAlchemy URL")
+    ] = None,
+    no_local_worker: Annotated[bool, typer.Option("--no-local-worker", help="Run the control plane alone")] = False,
+    runtime: Annotated[Optional[str], typer.Option("--runtime", help="OCI runtime: crun or runc")] = None,
+    advertise: Annotated[Optional[str], typer.Option(help="Host put in sandbox endpoints")] = None,
+    cpu_overcommit: Annotated[Optional[float], typer.Option(help="Worker CPU overcommit ratio")] = None,
+    memory_overcommit: Annotated[Optional[float], typer.Option(help="Worker memory overcommit ratio")] = None,
+    worker_vcpus: Annotated[Optional[float], typer.Option(help="CPUs the local worker offers [all]")] = None,
+    worker_memory_mib: Annotated[Optional[int], typer.Option(help="Memory the local worker offers [90%]")] = None,
+    reaper_interval: Annotated[Optional[float], typer.Option(help="Seconds between reaper passes")] = None,
+) -> None:
+    """Run the API (control plane) with an in-process local worker."""
+    import uvicorn
+
+    from sandboxd.api.app import create_app
+
+    settings = _settings(
+        listen=listen,
+        data_dir=data_dir,
+        cache_dir=cache_dir,
+        database_url=database,
+        local_worker=False if no_local_worker else None,
+        oci_runtime=runtime,
+        advertise_address=advertise,
+        cpu_overcommit=cpu_overcommit,
+        memory_overcommit=memory_overcommit,
+        worker_vcpus=worker_vcpus,
+        worker_memory_mib=worker_memory_mib,
+        reaper_interval_seconds=reaper_interval,
+    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per guest-agent call is noise
+    if settings.local_worker:
+        _build_template(settings, "standard", force=False)
+    host, port = settings.listen_host_port
+    console.print(f"sandboxd listening on [bold]http://{host}:{port}[/bold] (data dir {settings.data_dir})")
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        log_level="warning",
+        timeout_graceful_shutdown=10,
+    )
+
+
+def _build_template(settings: Settings, name: str, *, force: bool):
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from sandboxd.templates.builder import TemplateBuildError, TemplateStore
+    from sandboxd.templates.spec import TemplateSpecError, load_builtin
+
+    try:
+        spec = load_builtin(name)
+    except TemplateSpecError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    store = TemplateStore(settings.cache_dir, mirror=settings.mirror)
+    current = store.get(name)
+    if current is not None and not force and current.digest == store.digest(spec):
+        return current
+    with Progress(
+        SpinnerColumn(), TextColumn("[bold]{task.description}"), TextColumn("{task.fields[line]}"),
+        TimeElapsedColumn(), console=console, transient=False,
+    ) as progress:  # fmt: skip
+        task = progress.add_task(f"building template {name}", line="")
+
+        def on_line(line: str) -> None:
+            progress.update(task, line=line.strip()[:80])
+
+        try:
+            image = store.build(spec, force=force, progress=on_line)
+        except TemplateBuildError as exc:
+            progress.stop()
+            console.print(f"[red]template {name} failed to build:[/red] {exc}")
+            raise typer.Exit(1) from None
+        progress.update(task, line=f"done: {image.image_name}")
+    return image
+
+
+@template_app.command("build")
+def template_build(
+    name: str,
+    cache_dir: CacheDir = None,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even if cached")] = False,
+) -> None:
+    """Build a template (cached by its inputs; --force rebuilds)."""
+    settings = _settings(cache_dir=cache_dir)
+    image = _build_template(settings, name, force=force)
+    typer.echo(f"{image.image_name} {image.rootfs}")
+
+
+@template_app.command("list")
+def template_list(cache_dir: CacheDir = None) -> None:
+    """Templates this host knows, and their current builds."""
+    from sandboxd.templates.builder import TemplateStore
+    from sandboxd.templates.spec import list_builtin
+
+    settings = _settings(cache_dir=cache_dir)
+    store = TemplateStore(settings.cache_dir, mirror=settings.mirror)
+    table = Table("template", "image", "size MiB")
+    for name in list_builtin():
+        image = store.get(name)
+        table.add_row(name, image.image_name if image else "(not built)", f"{image.size_bytes / 2**20:.0f}" if image else "")
+    Console().print(table)
+
+
+def _with_store(settings: Settings, action):
+    from sandboxd.store.repo import Store
+
+    async def run():
+        settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        store = Store(settings.effective_database_url)
+        try:
+            await store.open()
+            return await action(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+@keys_app.command("create")
+def keys_create(
+    user: Annotated[str, typer.Option("--user", help="The user (tenant) the key belongs to")],
+    data_dir: DataDir = None,
+    database: Annotated[Optional[str], typer.Option("--database", envvar="SANDBOXD_DATABASE_URL")] = None,
+) -> None:
+    """Create an API key and print it (it is shown only once)."""
+    if not user.strip() or len(user) > 128:
+        console.print("[red]error:[/red] --user must be 1 to 128 characters")
+        raise typer.Exit(2)
+    settings = _settings(data_dir=data_dir, database_url=database)
+    created = _with_store(settings, lambda store: store.create_key(user.strip()))
+    console.print(f"key {created.key_id} for user {created.user_name} ({created.user_id})")
+    typer.echo(created.key)
+
+
+@keys_app.command("list")
+def keys_list(
+    data_dir: DataDir = None,
+    database: Annotated[Optional[str], typer.Option("--database", envvar="SANDBOXD_DATABASE_URL")] = None,
+) -> None:
+    """List keys (prefixes only; keys are stored as hashes)."""
+    settings = _settings(data_dir=data_dir, database_url=database)
+    rows = _with_store(settings, lambda store: store.list_keys())
+    table = Table("key id", "prefix", "user", "created", "revoked")
+    for key, owner in rows:
+        table.add_row(key.id, key.prefix + "…", owner.name, key.created_at.isoformat(timespec="seconds"),
+                      key.revoked_at.isoformat(timespec="seconds") if key.revoked_at else "")  # fmt: skip
+    Console().print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="Key id (key_…) or the key's prefix")],
+    data_dir: DataDir = None,
+    database: Annotated[Optional[str], typer.Option("--database", envvar="SANDBOXD_DATABASE_URL")] = None,
+) -> None:
+    """Revoke a key; requests with it get 401 from then on."""
+    settings = _settings(data_dir=data_dir, database_url=database)
+    count = _with_store(settings, lambda store: store.revoke_key(key_id))
+    if not count:
+        console.print(f"[red]error:[/red] no active key {key_id}")
+        raise typer.Exit(1)
+    console.print(f"revoked {key_id}")
+
+
+def main() -> None:  # pragma: no cover
+    sys.exit(app())

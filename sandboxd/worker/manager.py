@@ -1,0 +1,315 @@
+"""The local worker: boots sandboxes with a runtime backend, keeps their state on disk,
+reaches their guest agents, and reclaims what a crash left behind.
+
+Per-sandbox layout under DATA_DIR/sandboxes/<vm_id>/:
+    state.json   what the worker needs to re-adopt the sandbox after a restart (0600)
+    agent/       shared with the guest agent (its socket; boot.json until the agent reads it)
+    runtime/     owned by the runtime backend (bundle, writable layer)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import shutil
+from contextlib import AsyncExitStack
+from dataclasses import asdict
+from pathlib import Path
+
+import sandboxd.guest
+from sandboxd.config import Settings
+from sandboxd.errors import BadRequest, NotFound, SandboxdError, WorkerFailure
+from sandboxd.guest.client import GuestClient, GuestError, GuestUnavailable
+from sandboxd.guest.protocol import BOOT_CONFIG_NAME, PROTOCOL_VERSION, SOCKET_NAME
+from sandboxd.runtime.base import LaunchSpec, Resources
+from sandboxd.runtime.network import NetworkManager, NetworkSlot
+from sandboxd.runtime.oci import OciRuntime
+from sandboxd.templates.builder import TemplateStore
+from sandboxd.templates.spec import load_builtin
+from sandboxd.worker.interface import CreateSandbox, ExecCommand, SandboxStatus, WorkerInfo
+
+log = logging.getLogger(__name__)
+
+AGENT_READY_TIMEOUT_SECONDS = 20.0
+GUEST_CODE_DIR = Path(sandboxd.guest.__file__).parent
+
+
+def _memory_total_mib() -> int:
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    raise RuntimeError("no MemTotal in /proc/meminfo")
+
+
+def _load_or_create_worker_id(data_dir: Path) -> str:
+    from sandboxd import ids
+
+    path = data_dir / "worker_id"
+    if path.exists():
+        return path.read_text().strip()
+    worker_id = ids.new_worker_id()
+    path.write_text(worker_id + "\n")
+    return worker_id
+
+
+class _Sandbox:
+    """What the worker holds for one running sandbox."""
+
+    def __init__(self, vm_id: str, state: dict, client: GuestClient):
+        self.vm_id = vm_id
+        self.state = state
+        self.client = client
+
+    @property
+    def slot(self) -> NetworkSlot:
+        return _slot_from_state(self.state)
+
+    def status(self, running_commands: int = 0) -> SandboxStatus:
+        return SandboxStatus(
+            vm_id=self.vm_id,
+            alive=True,
+            host_port=self.state["slot"]["host_port"],
+            rootfs=self.state["image_name"],
+            runtime=self.state["runtime"],
+            running_commands=running_commands,
+        )
+
+
+class LocalWorker:
+    """Implements WorkerAPI in-process. A remote worker serves the same calls over HTTP."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.data_dir = settings.data_dir
+        self.sandboxes_dir = settings.data_dir / "sandboxes"
+        self.sandboxes_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.worker_id = _load_or_create_worker_id(settings.data_dir)
+        instance = self.worker_id.removeprefix("wrk_")
+        self.runtime = OciRuntime(binary=settings.oci_runtime, state_root=Path("/run/sandboxd") / instance)
+        self.network = NetworkManager(instance, subnet=settings.subnet, host_port_base=settings.host_port_base)
+        self.templates = TemplateStore(settings.cache_dir, mirror=settings.mirror)
+        self._sandboxes: dict[str, _Sandbox] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.network.setup_host()
+        await self._recover()
+
+    async def stop(self) -> None:
+        """Leave sandboxes running (a restart re-adopts them); drop host rules if none remain."""
+        for sandbox in self._sandboxes.values():
+            await sandbox.client.aclose()
+        if not self._sandboxes:
+            await self.network.teardown_host()
+
+    async def _recover(self) -> None:
+        """Re-adopt sandboxes that survived a restart; clean up the ones that did not."""
+        running = await self.runtime.list_running()
+        for state_path in sorted(self.sandboxes_dir.glob("sbx_*/state.json")):
+            vm_id = state_path.parent.name
+            try:
+                state = json.loads(state_path.read_text())
+            except (OSError, ValueError):
+                log.warning("unreadable state for %s; cleaning it up", vm_id)
+                await self._teardown(vm_id, None)
+                continue
+            client = GuestClient(str(self._socket_path(vm_id)), state["token"])
+            if vm_id in running:
+                try:
+                    await client.wait_ready(timeout=3.0)
+                    self._sandboxes[vm_id] = _Sandbox(vm_id, state, client)
+                    log.info("re-adopted %s", vm_id)
+                    continue
+                except (GuestError, GuestUnavailable, TimeoutError) as exc:
+                    log.warning("%s runs but its agent does not answer (%s); destroying it", vm_id, exc)
+            await client.aclose()
+            await self._teardown(vm_id, _slot_from_state(state) if "slot" in state else None)
+        # Sandbox directories without state (a crash mid-create) are leftovers too.
+        for path in self.sandboxes_dir.glob("sbx_*"):
+            if path.name not in self._sandboxes and not (path / "state.json").exists():
+                await self._teardown(path.name, None)
+        keep = set(self._sandboxes)
+        await self.runtime.reclaim(keep)
+        await self.network.reclaim(keep)
+
+    # --- WorkerAPI --------------------------------------------------------------------
+
+    async def info(self) -> WorkerInfo:
+        host, _port = self.settings.listen_host_port
+        return WorkerInfo(
+            worker_id=self.worker_id,
+            address=self.settings.advertise_address or (host if host not in ("0.0.0.0", "::") else "127.0.0.1"),
+            vcpus=float(self.settings.worker_vcpus or os.cpu_count() or 1),
+            memory_mib=int(self.settings.worker_memory_mib or _memory_total_mib() * 0.9),
+            runtimes=[self.runtime.name],
+            default_runtime=self.runtime.name,
+            templates=[name for name in ("standard", "browser", "cua", "canvas") if self.templates.get(name)],
+        )
+
+    def _lock(self, vm_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(vm_id, asyncio.Lock())
+
+    def _dir(self, vm_id: str) -> Path:
+        return self.sandboxes_dir / vm_id
+
+    def _socket_path(self, vm_id: str) -> Path:
+        return self._dir(vm_id) / "agent" / SOCKET_NAME
+
+    async def ensure_template(self, name: str, progress=None):
+        image = self.templates.get(name)
+        spec = load_builtin(name)
+        if image is None or image.digest != self.templates.digest(spec):
+            image = await asyncio.to_thread(self.templates.build, spec, progress=progress)
+        return image
+
+    async def create_sandbox(self, request: CreateSandbox) -> SandboxStatus:
+        async with self._lock(request.vm_id):
+            if request.vm_id in self._sandboxes:
+                return self._sandboxes[request.vm_id].status()
+            image = await self.ensure_template(request.template)
+            spec = load_builtin(request.template)
+            sandbox_dir = self._dir(request.vm_id)
+            agent_dir = sandbox_dir / "agent"
+            runtime_dir = sandbox_dir / "runtime"
+            token = secrets.token_urlsafe(32)
+            async with AsyncExitStack() as undo:
+                sandbox_dir.mkdir(mode=0o700)
+                undo.callback(shutil.rmtree, sandbox_dir, ignore_errors=True)
+                agent_dir.mkdir(mode=0o700)
+                runtime_dir.mkdir(mode=0o700)
+                slot = await self.network.allocate(request.vm_id)
+                undo.push_async_callback(self.network.release, slot)
+                boot = {
+                    "protocol": PROTOCOL_VERSION,
+                    "vm_id": request.vm_id,
+                    "hostname": request.vm_id,
+                    "token": token,
+                    "env": request.env,
+                }
+                boot_path = agent_dir / BOOT_CONFIG_NAME
+                fd = os.open(boot_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as boot_file:
+                    json.dump(boot, boot_file)
+                launch = LaunchSpec(
+                    vm_id=request.vm_id,
+                    hostname=request.vm_id,
+                    rootfs=image.rootfs,
+                    resources=Resources(
+                        vcpu=request.vcpu,
+                        cpu_fraction=request.cpu_fraction,
+                        memory_mib=request.memory_mib,
+                        pids_limit=spec.resources.pids_limit,
+                    ),
+                    netns_path=slot.netns_path,
+                    agent_dir=agent_dir,
+                    guest_code_dir=GUEST_CODE_DIR,
+                    state_dir=runtime_dir,
+                )
+                await self.runtime.launch(launch)
+                undo.push_async_callback(self.runtime.destroy, request.vm_id, runtime_dir)
+                client = GuestClient(str(self._socket_path(request.vm_id)), token)
+                undo.push_async_callback(client.aclose)
+                try:
+                    await client.wait_ready(timeout=AGENT_READY_TIMEOUT_SECONDS)
+                except (GuestError, GuestUnavailable, TimeoutError) as exc:
+                    init_log = runtime_dir / "init.log"
+                    tail = init_log.read_text(errors="replace")[-2000:] if init_log.exists() else ""
+                    raise WorkerFailure(f"guest agent did not start: {exc}; {tail}", code="sandbox_boot_failed")
+                state = {
+                    "vm_id": request.vm_id,
+                    "template": request.template,
+                    "image_name": image.image_name,
+                    "digest": image.digest,
+                    "runtime": self.runtime.name,
+                    "token": token,
+                    "slot": asdict(slot) | {"netns_path": str(slot.netns_path)},
+                }
+                _write_private_json(sandbox_dir / "state.json", state)
+                undo.pop_all()
+            sandbox = _Sandbox(request.vm_id, state, client)
+            self._sandboxes[request.vm_id] = sandbox
+            return sandbox.status()
+
+    async def destroy_sandbox(self, vm_id: str) -> None:
+        async with self._lock(vm_id):
+            sandbox = self._sandboxes.pop(vm_id, None)
+            if sandbox is not None:
+                await sandbox.client.aclose()
+                await self._teardown(vm_id, sandbox.slot)
+            elif self._dir(vm_id).exists():
+                await self._teardown(vm_id, None)
+        self._locks.pop(vm_id, None)
+
+    async def _teardown(self, vm_id: str, slot: NetworkSlot | None) -> None:
+        sandbox_dir = self._dir(vm_id)
+        await self.runtime.destroy(vm_id, sandbox_dir / "runtime")
+        if slot is not None:  # without one (unreadable state), start-up's network.reclaim sweeps it
+            await self.network.release(slot)
+        await asyncio.to_thread(shutil.rmtree, sandbox_dir, True)
+
+    def _get(self, vm_id: str) -> _Sandbox:
+        sandbox = self._sandboxes.get(vm_id)
+        if sandbox is None:
+            raise NotFound(f"sandbox {vm_id} is not on this worker", code="sandbox_not_found")
+        return sandbox
+
+    async def sandbox_status(self, vm_id: str) -> SandboxStatus:
+        sandbox = self._get(vm_id)
+        try:
+            status = await sandbox.client.status()
+        except GuestUnavailable:
+            return SandboxStatus(vm_id=vm_id, alive=False)
+        return sandbox.status(running_commands=int(status.get("running_commands", 0)))
+
+    async def list_sandboxes(self) -> list[SandboxStatus]:
+        return [sandbox.status() for sandbox in self._sandboxes.values()]
+
+    async def exec(self, vm_id: str, command: ExecCommand) -> dict:
+        sandbox = self._get(vm_id)
+        try:
+            return await sandbox.client.exec(
+                command.command,
+                cwd=command.cwd,
+                env=command.env or None,
+                timeout_seconds=command.timeout_seconds,
+            )
+        except GuestError as exc:
+            raise _guest_error(exc) from None
+        except GuestUnavailable as exc:
+            raise WorkerFailure(f"sandbox {vm_id} is not answering: {exc}", code="sandbox_unreachable") from None
+
+    async def logs(self, vm_id: str, since: str | None, limit: int) -> dict:
+        sandbox = self._get(vm_id)
+        try:
+            return await sandbox.client.logs(since=since, limit=limit)
+        except GuestError as exc:
+            raise _guest_error(exc) from None
+        except GuestUnavailable as exc:
+            raise WorkerFailure(f"sandbox {vm_id} is not answering: {exc}", code="sandbox_unreachable") from None
+
+
+def _slot_from_state(state: dict) -> NetworkSlot:
+    return NetworkSlot(**(state["slot"] | {"netns_path": Path(state["slot"]["netns_path"])}))
+
+
+def _guest_error(exc: GuestError) -> SandboxdError:
+    if 400 <= exc.status < 500:
+        field = "cwd" if exc.code == "cwd_not_found" else None
+        return BadRequest(exc.message, code=exc.code, field=field)
+    return WorkerFailure(exc.message, code=exc.code)
+
+
+def _write_private_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
