@@ -24,6 +24,7 @@ import pytest
 import sandboxd.guest as guest_pkg
 from sandboxd.guest.client import GuestClient, GuestError, GuestUnavailable
 from sandboxd.guest.protocol import PROTOCOL_VERSION
+from tests.helpers import standard_rootfs
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -541,7 +542,7 @@ def test_sigterm_exits_cleanly_and_kills_commands(agent):
 
 # --- inside the Debian template rootfs, as PID 1 -------------------------------------------
 
-ROOTFS = Path(os.environ.get("SANDBOXD_TEST_ROOTFS", "/tmp/exp/rootfs"))
+ROOTFS = standard_rootfs()
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not (ROOTFS / "usr/bin/python3").exists()

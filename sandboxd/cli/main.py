@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sys
 from pathlib import Path
@@ -187,10 +188,19 @@ def keys_create(
 def keys_list(
     data_dir: DataDir = None,
     database: Annotated[Optional[str], typer.Option("--database", envvar="SANDBOXD_DATABASE_URL")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line, for scripts")] = False,
 ) -> None:
     """List keys (prefixes only; keys are stored as hashes)."""
     settings = _settings(data_dir=data_dir, database_url=database)
     rows = _with_store(settings, lambda store: store.list_keys())
+    if as_json:
+        for key, owner in rows:
+            typer.echo(json.dumps({
+                "key_id": key.id, "prefix": key.prefix, "user": owner.name, "user_id": owner.id,
+                "created_at": key.created_at.isoformat(),
+                "revoked_at": key.revoked_at.isoformat() if key.revoked_at else None,
+            }))  # fmt: skip
+        return
     table = Table("key id", "prefix", "user", "created", "revoked")
     for key, owner in rows:
         table.add_row(key.id, key.prefix + "…", owner.name, key.created_at.isoformat(timespec="seconds"),

@@ -26,7 +26,7 @@ from sandboxd.guest.client import GuestClient, GuestError, GuestUnavailable
 from sandboxd.guest.protocol import BOOT_CONFIG_NAME, PROTOCOL_VERSION, SOCKET_NAME
 from sandboxd.runtime.base import LaunchSpec, Resources
 from sandboxd.runtime.network import NetworkManager, NetworkSlot
-from sandboxd.runtime.oci import OciRuntime
+from sandboxd.runtime.oci import OciRuntime, default_nameservers
 from sandboxd.templates.builder import TemplateStore
 from sandboxd.templates.spec import load_builtin
 from sandboxd.worker.interface import CreateSandbox, ExecCommand, SandboxStatus, WorkerInfo
@@ -89,8 +89,18 @@ class LocalWorker:
         self.sandboxes_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.worker_id = _load_or_create_worker_id(settings.data_dir)
         instance = self.worker_id.removeprefix("wrk_")
-        self.runtime = OciRuntime(binary=settings.oci_runtime, state_root=Path("/run/sandboxd") / instance)
-        self.network = NetworkManager(instance, subnet=settings.subnet, host_port_base=settings.host_port_base)
+        nameservers = default_nameservers()
+        self.runtime = OciRuntime(
+            binary=settings.oci_runtime, state_root=Path("/run/sandboxd") / instance, nameservers=nameservers
+        )
+        # The host's resolvers often sit in a private range that sandboxes may not reach
+        # otherwise; DNS must keep working inside.
+        self.network = NetworkManager(
+            instance,
+            subnet=settings.subnet,
+            host_port_base=settings.host_port_base,
+            egress_allow=[ns for ns in nameservers if ":" not in ns],
+        )
         self.templates = TemplateStore(settings.cache_dir, mirror=settings.mirror)
         self._sandboxes: dict[str, _Sandbox] = {}
         self._locks: dict[str, asyncio.Lock] = {}

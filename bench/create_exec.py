@@ -1,0 +1,119 @@
+"""Create / exec / destroy latency of sandboxd, side by side with bare crun on the same rootfs.
+
+    .venv/bin/python bench/create_exec.py [--sequential 50] [--concurrent 10] [--execs 200]
+
+Starts its own `sandboxd serve` (temp data dir, the host's template cache) unless --url and
+--key point at a running one. Prints one JSON document with p50/p95 per phase and the
+sandboxd / crun ratios. Timings drift on shared machines: compare ratios, not absolutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._harness import BareCrun, sandboxd_server, summary  # noqa: E402
+from sandboxd.config import DEFAULT_CACHE_DIR  # noqa: E402
+from sandboxd.templates.builder import TemplateStore  # noqa: E402
+
+CREATE_BODY = {"template": "standard"}
+
+
+def bench_sandboxd(url: str, key: str, sequential: int, concurrent: int, execs: int) -> dict:
+    client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120)
+    create, destroy, exec_true = [], [], []
+    for _ in range(sequential):
+        start = time.perf_counter()
+        response = client.post("/v1/sandboxes", json=CREATE_BODY)
+        create.append(time.perf_counter() - start)
+        response.raise_for_status()
+        vm_id = response.json()["vm_id"]
+        if not exec_true:
+            for _ in range(execs):
+                start = time.perf_counter()
+                client.post(f"/v1/sandboxes/{vm_id}/exec", json={"command": "true"}).raise_for_status()
+                exec_true.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        client.delete(f"/v1/sandboxes/{vm_id}").raise_for_status()
+        destroy.append(time.perf_counter() - start)
+
+    async def concurrent_creates() -> tuple[list[float], float]:
+        async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120) as ac:
+
+            async def one() -> tuple[float, str]:
+                start = time.perf_counter()
+                response = await ac.post("/v1/sandboxes", json=CREATE_BODY)
+                response.raise_for_status()
+                return time.perf_counter() - start, response.json()["vm_id"]
+
+            wall = time.perf_counter()
+            results = await asyncio.gather(*(one() for _ in range(concurrent)))
+            wall = time.perf_counter() - wall
+            await asyncio.gather(*(ac.delete(f"/v1/sandboxes/{vm_id}") for _, vm_id in results))
+            return [latency for latency, _ in results], wall
+
+    concurrent_latencies, wall = asyncio.run(concurrent_creates())
+    return {
+        "create_sequential": summary(create),
+        "create_concurrent": summary(concurrent_latencies) | {"wall_ms": round(wall * 1000, 1)},
+        "exec_true": summary(exec_true),
+        "destroy": summary(destroy),
+    }
+
+
+def bench_crun(rootfs: Path, sequential: int, execs: int) -> dict:
+    bare = BareCrun(rootfs)
+    create, destroy, exec_true = [], [], []
+    try:
+        for index in range(sequential):
+            name = f"bare{index:06d}"
+            start = time.perf_counter()
+            bare.create(name)
+            create.append(time.perf_counter() - start)
+            if not exec_true:
+                for _ in range(execs):
+                    start = time.perf_counter()
+                    bare.exec(name)
+                    exec_true.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            bare.destroy(name)
+            destroy.append(time.perf_counter() - start)
+    finally:
+        bare.close()
+    return {"create_sequential": summary(create), "exec_true": summary(exec_true), "destroy": summary(destroy)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url")
+    parser.add_argument("--key")
+    parser.add_argument("--sequential", type=int, default=50)
+    parser.add_argument("--concurrent", type=int, default=10)
+    parser.add_argument("--execs", type=int, default=200)
+    args = parser.parse_args()
+
+    image = TemplateStore(DEFAULT_CACHE_DIR).get("standard")
+    if image is None:
+        sys.exit("build the template first: sandboxd template build standard")
+    server = nullcontext((args.url, args.key, None)) if args.url else sandboxd_server("--cpu-overcommit", "64")
+    with server as (url, key, _pid):
+        ours = bench_sandboxd(url, key, args.sequential, args.concurrent, args.execs)
+    peer = bench_crun(image.rootfs, args.sequential, args.execs)
+    ratios = {
+        phase: round(ours[phase]["p50_ms"] / peer[phase]["p50_ms"], 2)
+        for phase in ("create_sequential", "exec_true", "destroy")
+    }
+    print(json.dumps({"sandboxd": ours, "bare_crun": peer, "ratio_p50_sandboxd_over_crun": ratios}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers import Server, host_leaks
+
+
+@pytest.fixture(scope="session")
+def server():
+    """The suite's main server: SQLite, one local worker (crun)."""
+    srv = Server().start()
+    srv.keys = {"alice": srv.create_key("alice"), "bob": srv.create_key("bob")}
+    yield srv
+    srv.destroy_all(list(srv.keys.values()))
+    srv.stop()
+    srv.remove_data()
+
+
+@pytest.fixture
+def alice(server):
+    with server.client(server.keys["alice"]) as client:
+        yield client
+
+
+@pytest.fixture
+def bob(server):
+    with server.client(server.keys["bob"]) as client:
+        yield client
+
+
+@pytest.fixture
+def sandbox(alice):
+    """A fresh standard sandbox, destroyed after the test."""
+    response = alice.post("/v1/sandboxes", json={"template": "standard"})
+    assert response.status_code == 201, response.text
+    vm_id = response.json()["vm_id"]
+    yield vm_id
+    alice.delete(f"/v1/sandboxes/{vm_id}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def leak_check():
+    """Runs last: after every server has stopped, nothing of any sandbox may remain."""
+    before = host_leaks()
+    yield
+    leaks = [leak for leak in host_leaks() if leak not in before]
+    assert not leaks, "left on the host:\n" + "\n".join(leaks)

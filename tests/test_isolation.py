@@ -1,0 +1,230 @@
+"""Isolation and resource limits, proven from inside sandboxes created through the API."""
+
+from __future__ import annotations
+
+import glob
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers import exec_ok
+
+DOCKER_DEFAULT_CAPS = 0x00000000A80425FB
+GUEST_IP = "python3 -c \"import socket; s=socket.socket(2, 2); s.connect(('198.18.0.1', 9)); print(s.getsockname()[0])\""
+
+
+def cgroup_dir(controller: str, vm_id: str) -> Path:
+    matches = glob.glob(f"/sys/fs/cgroup/{controller}/**/{vm_id}", recursive=True)
+    assert matches, f"no {controller} cgroup for {vm_id}"
+    return Path(matches[0])
+
+
+def test_hostname_pid_namespace_and_init(alice, sandbox):
+    assert exec_ok(alice, sandbox, "hostname")["output"].strip() == sandbox
+    processes = exec_ok(alice, sandbox, "ps -eo pid,args")["output"].splitlines()[1:]
+    assert len(processes) < 10, processes  # only the agent, the shell and ps: not the host's
+    assert "agent.py" in exec_ok(alice, sandbox, "cat /proc/1/cmdline | tr '\\0' ' '")["output"]
+
+
+def test_host_filesystem_is_invisible_and_template_is_untouched(alice, sandbox, server):
+    marker = Path(f"/tmp/host-marker-{uuid.uuid4().hex}")
+    marker.write_text("host secret")
+    try:
+        assert exec_ok(alice, sandbox, f"cat {marker}")["exit_code"] != 0
+        assert exec_ok(alice, sandbox, f"ls /proc/1/root{marker}")["exit_code"] != 0
+        assert exec_ok(alice, sandbox, f"ls {server.data_dir}")["exit_code"] != 0
+    finally:
+        marker.unlink()
+    assert exec_ok(alice, sandbox, "echo changed > /etc/motd && echo x > /usr/bin/newfile")["exit_code"] == 0
+    rootfs_dirs = glob.glob("/var/cache/sandboxd/templates/standard/*/rootfs")
+    assert rootfs_dirs and all(not Path(d, "usr/bin/newfile").exists() for d in rootfs_dirs)
+    other = alice.post("/v1/sandboxes", json={"template": "standard"}).json()["vm_id"]
+    try:
+        assert exec_ok(alice, other, "test -e /usr/bin/newfile")["exit_code"] == 1
+    finally:
+        alice.delete(f"/v1/sandboxes/{other}")
+
+
+def test_capabilities_and_seccomp_are_no_looser_than_docker(alice, sandbox):
+    status = exec_ok(alice, sandbox, "cat /proc/self/status")["output"]
+    fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+    assert int(fields["CapEff"], 16) & ~DOCKER_DEFAULT_CAPS == 0
+    assert int(fields["CapBnd"], 16) & ~DOCKER_DEFAULT_CAPS == 0
+    assert fields["Seccomp"].strip() == "2"
+    assert fields["NoNewPrivs"].strip() == "1"
+    assert exec_ok(alice, sandbox, "unshare -U true")["exit_code"] != 0
+    assert exec_ok(alice, sandbox, "mount -t tmpfs none /mnt")["exit_code"] != 0
+    assert exec_ok(alice, sandbox, "echo 1 > /proc/sys/kernel/panic")["exit_code"] != 0
+    assert exec_ok(alice, sandbox, "ip link add dummy0 type dummy 2>&1 || echo refused")["output"].strip()
+
+
+def test_memory_hog_is_oom_killed_inside_its_sandbox_only(alice, sandbox):
+    memory = cgroup_dir("memory", sandbox)
+    assert int((memory / "memory.limit_in_bytes").read_text()) == 512 * 2**20
+    assert int((memory / "memory.memsw.limit_in_bytes").read_text()) == 512 * 2**20
+    hog = exec_ok(alice, sandbox, "python3 -c 'b = bytearray(900 * 2**20); print(len(b))'", timeout_seconds=60)
+    assert hog["exit_code"] == 137, hog
+    oom_control = dict(line.split() for line in (memory / "memory.oom_control").read_text().splitlines())
+    assert int(oom_control["oom_kill"]) >= 1
+    assert exec_ok(alice, sandbox, "echo alive")["output"] == "alive\n"
+
+
+def test_fork_bomb_stops_at_the_pids_limit(alice, sandbox):
+    limit = int((cgroup_dir("pids", sandbox) / "pids.max").read_text())
+    script = (
+        "import os, time\n"
+        "n = 0\n"
+        "try:\n"
+        "    while True:\n"
+        "        if os.fork() == 0:\n"
+        "            time.sleep(30); os._exit(0)\n"
+        "        n += 1\n"
+        "except OSError as e:\n"
+        "    print(n, e.errno)\n"
+    )
+    exec_ok(alice, sandbox, f"cat > /tmp/bomb.py <<'EOF'\n{script}EOF")
+    body = exec_ok(alice, sandbox, "python3 /tmp/bomb.py; pkill -f 'python3 /tmp/bomb.py'; true", timeout_seconds=60)
+    forked, errno = map(int, body["output"].split()[:2])
+    assert errno == 11  # EAGAIN: the pids cgroup said no
+    assert forked < limit
+    assert exec_ok(alice, sandbox, "echo alive")["output"] == "alive\n"
+
+
+def test_busy_loops_get_about_their_cpu_quota(alice, sandbox):
+    cpu = cgroup_dir("cpu", sandbox)
+    assert int((cpu / "cpu.cfs_quota_us").read_text()) == int(cpu.joinpath("cpu.cfs_period_us").read_text()) // 2
+    usage = cgroup_dir("cpuacct", sandbox) / "cpuacct.usage"
+    start_usage, start = int(usage.read_text()), time.monotonic()
+    # two busy processes: on 2 cores they would take 2 CPUs without the quota
+    exec_ok(alice, sandbox, "timeout 3 sh -c 'while :; do :; done' & timeout 3 sh -c 'while :; do :; done'; wait")
+    share = (int(usage.read_text()) - start_usage) / 1e9 / (time.monotonic() - start)
+    assert 0.2 < share < 0.8, f"got {share:.2f} CPUs for a 0.5 CPU quota"
+
+
+# --- network --------------------------------------------------------------------------
+
+
+def guest_ip(client, vm_id: str) -> str:
+    return exec_ok(client, vm_id, GUEST_IP)["output"].strip()
+
+
+def can_connect(client, vm_id: str, host: str, port: int) -> bool:
+    probe = f"python3 -c \"import socket; socket.create_connection(('{host}', {port}), timeout=2)\""
+    return exec_ok(client, vm_id, probe)["exit_code"] == 0
+
+
+def start_http_server(client, vm_id: str, port: int = 9090) -> None:
+    exec_ok(client, vm_id, f"echo served-by-{vm_id} > /workspace/index.html")
+    # socketserver rather than `python3 -m http.server`, which does a reverse DNS lookup on bind
+    serve = f"import http.server as h, socketserver as s; s.TCPServer(('', {port}), h.SimpleHTTPRequestHandler).serve_forever()"
+    exec_ok(client, vm_id, f'cd /workspace && nohup python3 -c "{serve}" >/dev/null 2>&1 &')
+    probe = f"python3 -c \"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=1)\""
+    for _ in range(50):
+        if exec_ok(client, vm_id, probe)["exit_code"] == 0:
+            return
+        time.sleep(0.1)
+    raise TimeoutError("http.server did not start")
+
+
+def test_host_port_reaches_port_9090_inside(alice, sandbox):
+    start_http_server(alice, sandbox)
+    endpoint = alice.get(f"/v1/sandboxes/{sandbox}").json()["endpoint"]
+    assert httpx.get(endpoint + "/index.html", timeout=5).text == f"served-by-{sandbox}\n"
+
+
+def test_sandboxes_cannot_reach_each_other(alice, bob, sandbox):
+    other = bob.post("/v1/sandboxes", json={"template": "standard"}).json()["vm_id"]
+    try:
+        start_http_server(bob, other)
+        assert not can_connect(alice, sandbox, guest_ip(bob, other), 9090)
+    finally:
+        bob.delete(f"/v1/sandboxes/{other}")
+
+
+@pytest.fixture
+def host_listener():
+    """A TCP service on every host address, as a worker or database on the host would be."""
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("0.0.0.0", 0))
+    listener.listen()
+    accepted = []
+
+    def accept():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(conn)
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield listener.getsockname()[1], accepted
+    listener.close()
+    for conn in accepted:
+        conn.close()
+
+
+def test_sandbox_cannot_reach_host_services(alice, sandbox, server, host_listener):
+    port, accepted = host_listener
+    gateway = exec_ok(alice, sandbox, "ip route show default 2>/dev/null | cut -d' ' -f3")["output"].strip()
+    if not gateway:  # template without iproute2: the gateway is the .1 of the guest's /30
+        octets = guest_ip(alice, sandbox).split(".")
+        gateway = ".".join(octets[:3] + [str(int(octets[3]) - 1)])
+    assert not can_connect(alice, sandbox, gateway, port)
+    assert not can_connect(alice, sandbox, "127.0.0.1", port)  # its own loopback, not the host's
+    assert not can_connect(alice, sandbox, gateway, server.port)  # the control plane / worker API
+    assert accepted == []
+
+
+@pytest.fixture
+def outside_host():
+    """A host 'on the internet': its own netns, reachable only through the worker's routing."""
+    name, host_if = f"sbdtest_{uuid.uuid4().hex[:6]}", f"sbdt{uuid.uuid4().hex[:6]}"
+    commands = [
+        f"ip netns add {name}",
+        f"ip link add {host_if} type veth peer name eth0 netns {name}",
+        f"ip addr add 198.18.0.1/24 dev {host_if}",
+        f"ip link set {host_if} up",
+        f"ip -n {name} addr add 198.18.0.2/24 dev eth0",
+        f"ip -n {name} link set eth0 up",
+        f"ip -n {name} link set lo up",
+        f"ip -n {name} route add default via 198.18.0.1",
+    ]
+    for command in commands:
+        subprocess.run(command.split(), check=True)
+    # socketserver, not http.server.HTTPServer: the latter does a reverse DNS lookup on bind
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", name, "/usr/bin/python3", "-c",
+         "import http.server as h, socketserver as s\n"
+         "class H(h.BaseHTTPRequestHandler):\n"
+         "    def do_GET(self):\n"
+         "        body = self.client_address[0].encode()\n"
+         "        self.send_response(200); self.send_header('Content-Length', str(len(body))); self.end_headers()\n"
+         "        self.wfile.write(body)\n"
+         "s.TCPServer(('198.18.0.2', 8000), H).serve_forever()\n"],
+    )  # fmt: skip
+    try:
+        yield "198.18.0.2"
+    finally:
+        server.kill()
+        server.wait()
+        subprocess.run(["ip", "link", "del", host_if], check=False)
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def test_egress_is_nated_to_the_outside(alice, sandbox, outside_host):
+    fetch = f"python3 -c \"import urllib.request as u; print(u.urlopen('http://{outside_host}:8000/', timeout=5).read().decode())\""
+    for _ in range(30):  # the outside server may still be starting
+        body = exec_ok(alice, sandbox, fetch)
+        if body["exit_code"] == 0:
+            break
+        time.sleep(0.2)
+    assert body["exit_code"] == 0, body
+    assert body["output"].strip() == "198.18.0.1"  # masqueraded: the outside sees the host, not the sandbox

@@ -1,0 +1,83 @@
+"""Reaping (idle, lifetime) and restarts: nothing is forgotten, nothing leaks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+import pytest
+
+from tests.helpers import Server, exec_ok, host_leaks, wait_for
+
+
+def state_of(client, vm_id):
+    return client.get(f"/v1/sandboxes/{vm_id}").json()
+
+
+def test_idle_sandbox_is_reaped_and_activity_keeps_it(alice):
+    idle = alice.post("/v1/sandboxes", json={"template": "standard", "idle_timeout_seconds": 2}).json()["vm_id"]
+    busy = alice.post("/v1/sandboxes", json={"template": "standard", "idle_timeout_seconds": 2}).json()["vm_id"]
+    try:
+        # a command running longer than the idle timeout keeps its sandbox alive
+        assert exec_ok(alice, busy, "sleep 4; echo done")["output"] == "done\n"
+        body = wait_for(lambda: (s := state_of(alice, idle))["state"] == "destroyed" and s, timeout=20)
+        assert body["reason"] == "idle_timeout"
+        assert state_of(alice, busy)["state"] == "running"
+        wait_for(lambda: state_of(alice, busy)["state"] == "destroyed", timeout=20)
+        assert state_of(alice, busy)["reason"] == "idle_timeout"
+        assert not [leak for leak in host_leaks() if idle in leak or busy in leak]
+    finally:
+        alice.delete(f"/v1/sandboxes/{idle}")
+        alice.delete(f"/v1/sandboxes/{busy}")
+
+
+def test_sandbox_past_its_lifetime_is_destroyed_even_when_busy(alice):
+    vm_id = alice.post(
+        "/v1/sandboxes", json={"template": "standard", "max_lifetime_seconds": 3, "idle_timeout_seconds": 60}
+    ).json()["vm_id"]
+    try:
+        exec_ok(alice, vm_id, "nohup sleep 600 >/dev/null 2>&1 &")
+        body = wait_for(lambda: (s := state_of(alice, vm_id))["state"] == "destroyed" and s, timeout=20)
+        assert body["reason"] == "max_lifetime"
+        assert vm_id not in {item["vm_id"] for item in alice.get("/v1/sandboxes").json()}
+    finally:
+        alice.delete(f"/v1/sandboxes/{vm_id}")
+
+
+def _agent_pid(vm_id: str) -> int:
+    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    for line in ps.splitlines():
+        if "/opt/sandboxd/guest/agent.py" in line:
+            pid = int(line.split()[0])
+            with open(f"/proc/{pid}/cgroup") as cgroups:
+                if f"/{vm_id}" in cgroups.read():
+                    return pid
+    raise LookupError(vm_id)
+
+
+@pytest.mark.parametrize("runtime", ["crun", "runc"])
+def test_kill_9_restart_readopts_survivors_and_marks_the_dead_lost(runtime):
+    srv = Server("--runtime", runtime, "--reaper-interval", "0.5").start()
+    key = srv.create_key("frank")
+    try:
+        with srv.client(key) as client:
+            survivor = client.post("/v1/sandboxes", json={"template": "standard"}).json()["vm_id"]
+            victim = client.post("/v1/sandboxes", json={"template": "standard"}).json()["vm_id"]
+            exec_ok(client, survivor, "echo kept > /workspace/state")
+        srv.kill()
+        os.kill(_agent_pid(victim), signal.SIGKILL)  # dies while nobody watches
+        srv.start()
+        with srv.client(key) as client:
+            assert state_of(client, survivor)["state"] == "running"
+            assert exec_ok(client, survivor, "cat /workspace/state")["output"] == "kept\n"
+            lost = state_of(client, victim)
+            assert lost["state"] == "destroyed" and lost["reason"] == "lost"
+            assert not [leak for leak in host_leaks() if victim in leak]
+            assert client.delete(f"/v1/sandboxes/{survivor}").status_code == 200
+    finally:
+        srv.kill()
+        srv.start()
+        srv.destroy_all([key])
+        srv.stop()
+        srv.remove_data()
