@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tests.helpers import Server, host_leaks
@@ -43,5 +45,7 @@ def leak_check():
     """Runs last: after every server has stopped, nothing of any sandbox may remain."""
     before = host_leaks()
     yield
+    if os.environ.get("SANDBOXD_SKIP_LEAK_CHECK"):  # only for partial runs beside another one
+        return
     leaks = [leak for leak in host_leaks() if leak not in before]
     assert not leaks, "left on the host:\n" + "\n".join(leaks)

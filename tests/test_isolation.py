@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import os
 import socket
 import subprocess
 import threading
@@ -30,6 +31,15 @@ def test_hostname_pid_namespace_and_init(alice, sandbox):
     processes = exec_ok(alice, sandbox, "ps -eo pid,args")["output"].splitlines()[1:]
     assert len(processes) < 10, processes  # only the agent, the shell and ps: not the host's
     assert "agent.py" in exec_ok(alice, sandbox, "cat /proc/1/cmdline | tr '\\0' ' '")["output"]
+
+
+def test_every_namespace_is_its_own(alice, sandbox):
+    kinds = ("pid", "mnt", "uts", "ipc", "net", "cgroup")
+    inside = exec_ok(alice, sandbox, " ".join(f"readlink /proc/1/ns/{kind};" for kind in kinds))["output"].split()
+    host = [os.readlink(f"/proc/self/ns/{kind}") for kind in kinds]
+    assert len(inside) == len(kinds)
+    for kind, theirs, ours in zip(kinds, inside, host):
+        assert theirs != ours, f"the sandbox shares the host's {kind} namespace"
 
 
 def test_host_filesystem_is_invisible_and_template_is_untouched(alice, sandbox, server):

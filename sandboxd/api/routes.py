@@ -142,10 +142,8 @@ async def get_sandbox(vm_id: str, request: Request, caller: CallerDep):
 )
 async def exec_command(vm_id: str, request: Request, caller: CallerDep):
     """Run `/bin/sh -c command` in /workspace and wait for it (default timeout 60 s)."""
-    service = _service(request)
-    await service.get_running(caller, vm_id)  # 404/409 before looking at the body
     body = await _parse_body(request, ExecRequest)
-    return await service.exec(caller, vm_id, body)
+    return await _service(request).exec(caller, vm_id, body)
 
 
 @router.delete("/{vm_id}", response_model=DestroyResponse, responses=ERRORS)

@@ -85,7 +85,7 @@ def serve(
         create_app(settings),
         host=host,
         port=port,
-        loop="uvloop",
+        loop="asyncio",  # uvloop spawns subprocesses more slowly, and the worker spawns many
         http="httptools",
         log_level="warning",
         timeout_graceful_shutdown=10,

@@ -10,6 +10,7 @@ Per-sandbox layout under DATA_DIR/sandboxes/<vm_id>/:
 from __future__ import annotations
 
 import asyncio
+import compileall
 import json
 import logging
 import os
@@ -108,6 +109,9 @@ class LocalWorker:
     # --- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
+        # The guest code is mounted read-only and run with -B; byte-compiling it here once
+        # (the venv's python is Debian's, the same as the templates') saves each start ~8 ms.
+        await asyncio.to_thread(compileall.compile_dir, str(GUEST_CODE_DIR), quiet=1)
         await self.network.setup_host()
         await self._recover()
 
