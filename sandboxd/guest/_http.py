@@ -6,7 +6,13 @@ pipelining tolerated). The application is an object with two methods:
 
 * ``check(req) -> handler`` -- called once the request head is parsed and BEFORE the
   body is read (authentication, routing); raise :class:`HTTPError` to refuse.
-* ``handler(req) -> Response`` -- called with the body read.
+* ``handler(req) -> Response`` -- called with the body read into ``req.body`` (at most
+  MAX_BODY_BYTES), or, for a handler with ``streams_request_body = True``, with
+  ``req.stream``, a :class:`BodyReader` the handler reads itself (uploads of any size
+  pass through without being held in memory).
+
+A handler may return :class:`Hijack` instead of a Response to take over the raw socket
+(protocol upgrades: a PTY session speaks its own framing after a 101 answer).
 
 A :class:`Response` body is ``bytes`` or any iterable of ``bytes``; an iterable is sent
 with ``Transfer-Encoding: chunked`` (streaming exec, file downloads, ... later).
@@ -49,7 +55,7 @@ class HTTPError(Exception):
 
 
 class Request:
-    __slots__ = ("method", "target", "path", "query_string", "version", "headers", "body", "_query")
+    __slots__ = ("method", "target", "path", "query_string", "version", "headers", "body", "stream", "_query")
 
     def __init__(self, method, target, version, headers):
         self.method = method
@@ -60,6 +66,7 @@ class Request:
         self.version = version
         self.headers = headers  # lower-case name -> value (str, latin-1)
         self.body = b""
+        self.stream = None  # a BodyReader, for handlers that stream the request body
         self._query = None
 
     def header(self, name, default=None):
@@ -107,6 +114,48 @@ def json_response(obj, status=200):
 
 def error_response(status, code, message):
     return json_response({"error": {"code": code, "message": message}}, status)
+
+
+class Hijack:
+    """Returned by a handler to own the connection: ``run(sock, buffered)`` gets the socket
+    and any bytes already read past the request; the connection closes when it returns."""
+
+    __slots__ = ("run",)
+
+    def __init__(self, run):
+        self.run = run
+
+
+class BodyReader:
+    """A request body read on demand, de-chunked; ``read()`` returns b"" at its end."""
+
+    def __init__(self, conn, length):
+        self._conn = conn
+        self._chunked = length < 0
+        self._left = max(length, 0)  # bytes left in the body, or in the current chunk
+        self.done = length == 0
+
+    def read(self, size=RECV_SIZE):
+        if self.done:
+            return b""
+        conn = self._conn
+        if self._chunked and self._left == 0:
+            self._left = conn._read_chunk_size()
+            if self._left == 0:
+                self.done = True
+                return b""
+        if not conn.buf:
+            conn._recv()
+        take = min(size, self._left, len(conn.buf))
+        data = bytes(conn.buf[:take])
+        del conn.buf[:take]
+        self._left -= take
+        if self._left == 0:
+            if not self._chunked:
+                self.done = True
+            elif conn._read_line() != b"":
+                raise HTTPError(400, "bad_request", "malformed chunked body", True)
+        return data
 
 
 class Connection:
@@ -218,10 +267,7 @@ class Connection:
             return 0
         if not cl.isdigit() or len(cl) > 18:
             raise HTTPError(400, "bad_request", "invalid Content-Length", True)
-        n = int(cl)
-        if n > MAX_BODY_BYTES:
-            raise HTTPError(413, "payload_too_large", "request body exceeds %d bytes" % MAX_BODY_BYTES, True)
-        return n
+        return int(cl)
 
     def _read_exact(self, n):
         while len(self.buf) < n:
@@ -241,20 +287,26 @@ class Connection:
                 raise HTTPError(400, "bad_request", "malformed chunked body", True)
             self._recv()
 
+    def _read_chunk_size(self):
+        """Reads a chunk-size line; at the last chunk (0) also reads the trailers."""
+        line = self._read_line()
+        size_s = line.split(b";", 1)[0].strip()
+        try:
+            size = int(size_s, 16)
+        except ValueError:
+            raise HTTPError(400, "bad_request", "malformed chunk size", True) from None
+        if size < 0:
+            raise HTTPError(400, "bad_request", "malformed chunk size", True)
+        if size == 0:
+            while self._read_line():  # trailers
+                pass
+        return size
+
     def _read_chunked(self):
         out = bytearray()
         while True:
-            line = self._read_line()
-            size_s = line.split(b";", 1)[0].strip()
-            try:
-                size = int(size_s, 16)
-            except ValueError:
-                raise HTTPError(400, "bad_request", "malformed chunk size", True) from None
-            if size < 0:
-                raise HTTPError(400, "bad_request", "malformed chunk size", True)
+            size = self._read_chunk_size()
             if size == 0:
-                while self._read_line():  # trailers
-                    pass
                 return bytes(out)
             if len(out) + size > MAX_BODY_BYTES:
                 raise HTTPError(413, "payload_too_large", "request body exceeds %d bytes" % MAX_BODY_BYTES, True)
@@ -336,21 +388,35 @@ class Connection:
             length = self._body_length(req)
             body_pending = length != 0
             handler = self.app.check(req)
-            if length != 0:
-                if "100-continue" in req.headers.get("expect", "").lower() and req.version == "HTTP/1.1" \
-                        and len(self.buf) == 0:
-                    self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+            streams_body = getattr(handler, "streams_request_body", False)
+            if length > MAX_BODY_BYTES and not streams_body:
+                raise HTTPError(413, "payload_too_large", "request body exceeds %d bytes" % MAX_BODY_BYTES, True)
+            if length != 0 and "100-continue" in req.headers.get("expect", "").lower() \
+                    and req.version == "HTTP/1.1" and len(self.buf) == 0:
+                self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+            if streams_body:
+                req.stream = BodyReader(self, length)
+            elif length != 0:
                 req.body = self._read_chunked() if length < 0 else self._read_exact(length)
             body_pending = False
             self.sock.settimeout(None)
             try:
                 resp = handler(req)
-            except HTTPError:
+            except HTTPError as e:
+                if streams_body and not req.stream.done:
+                    e.close = True  # the rest of the body is still on the wire
                 raise
             except Exception as exc:  # never let a handler bug kill the connection silently
                 if self.on_error is not None:
                     self.on_error(req, exc)
                 resp = error_response(500, "internal_error", "internal error: %s" % type(exc).__name__)
+            if isinstance(resp, Hijack):
+                buffered = bytes(self.buf)
+                self.buf.clear()
+                resp.run(self.sock, buffered)
+                return False
+            if streams_body and not req.stream.done:
+                keep_alive = False  # an unread body makes the connection unusable
             self.sock.settimeout(SEND_TIMEOUT)
             return self._send(req, resp, keep_alive)
         except HTTPError as e:
