@@ -103,6 +103,21 @@ class BareCrun:
     def exec(self, name: str) -> None:
         self._crun("exec", name, "true")
 
+    def exec_first_output(self, name: str, command: str) -> tuple[float, float]:
+        """`crun exec NAME sh -c COMMAND`: seconds to its first byte of stdout, and to its end."""
+        start = time.perf_counter()
+        process = subprocess.Popen(
+            ["crun", "--root", str(self.root / "state"), "exec", name, "/bin/sh", "-c", command],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, preexec_fn=self.preexec,
+        )  # fmt: skip
+        first = process.stdout.read(1)
+        first_at = time.perf_counter() - start
+        process.stdout.read()
+        process.wait()
+        if not first or process.returncode != 0:
+            raise RuntimeError(f"crun exec failed ({process.returncode})")
+        return first_at, time.perf_counter() - start
+
     def destroy(self, name: str) -> None:
         self._crun("delete", "--force", name)
         shutil.rmtree(self.root / name)

@@ -126,6 +126,14 @@ def host_leaks() -> list[str]:
     leaks += [f"cgroup {path}" for path in glob.glob("/sys/fs/cgroup/*/*/sbx_*")]
     ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
     leaks += [f"process {line.strip()}" for line in ps.splitlines() if "/opt/sandboxd/guest/agent.py" in line]
+    for backing in glob.glob("/sys/block/loop*/loop/backing_file"):  # writable-layer images
+        try:
+            with open(backing) as f:
+                path = f.read().strip()
+        except OSError:  # detached meanwhile
+            continue
+        if "/sbx_" in path and "/disk.img" in path:
+            leaks.append(f"loop /dev/{backing.split('/')[3]} {path}")
     return leaks
 
 
@@ -143,3 +151,18 @@ def exec_ok(client: httpx.Client, vm_id: str, command: str, **extra) -> dict:
     response = client.post(f"/v1/sandboxes/{vm_id}/exec", json={"command": command, **extra})
     assert response.status_code == 200, response.text
     return response.json()
+
+
+def assert_error(response, status: int, code: str | None = None, field: str | None = None) -> None:
+    """A 4xx/5xx answer in the API's one error shape, naming the field when one is given."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json"), response.headers
+    body = response.json()
+    assert set(body) == {"error"}, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    if code is not None:
+        assert body["error"]["code"] == code, body
+    if field is not None:
+        assert body["error"].get("field") == field, body
+        if field not in ("id", "authorization"):  # the message names the input it is about
+            assert field.split(".")[0] in body["error"]["message"].lower(), body

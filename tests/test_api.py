@@ -8,21 +8,9 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from tests.helpers import Server, exec_ok
+from tests.helpers import Server, assert_error, cli, exec_ok, host_leaks
 
 VM_ID = re.compile(r"^sbx_[a-z0-9]{8}$")
-
-
-def assert_error(response, status: int, code: str | None = None, field: str | None = None):
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"}, body
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
-    if code is not None:
-        assert body["error"]["code"] == code, body
-    if field is not None:
-        assert body["error"].get("field") == field, body
-        assert field.split(".")[0] in body["error"]["message"], body
 
 
 # --- create ---------------------------------------------------------------------------
@@ -161,7 +149,6 @@ def test_every_endpoint_requires_a_valid_key(server, method, path, header):
 
 
 def test_revoked_key_is_refused(server):
-    from tests.helpers import cli
 
     key = server.create_key("carol")
     with server.client(key) as client:
@@ -257,7 +244,6 @@ def test_exec_on_destroyed_sandbox_is_409(alice):
 
 
 def test_destroy_is_synchronous_and_leaves_a_destroyed_record(alice, server):
-    from tests.helpers import host_leaks
 
     vm_id = alice.post("/v1/sandboxes", json={"template": "standard"}).json()["vm_id"]
     response = alice.delete(f"/v1/sandboxes/{vm_id}")

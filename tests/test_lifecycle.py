@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 
 import pytest
@@ -56,6 +57,17 @@ def _agent_pid(vm_id: str) -> int:
     raise LookupError(vm_id)
 
 
+def test_sandbox_whose_init_dies_is_marked_lost_and_cleaned_up(alice):
+    vm_id = alice.post("/v1/sandboxes", json={"template": "standard"}).json()["vm_id"]
+    try:
+        os.kill(_agent_pid(vm_id), signal.SIGKILL)
+        body = wait_for(lambda: (s := state_of(alice, vm_id))["state"] == "destroyed" and s, timeout=20)
+        assert body["reason"] == "lost"
+        assert not [leak for leak in host_leaks() if vm_id in leak]
+    finally:
+        alice.delete(f"/v1/sandboxes/{vm_id}")
+
+
 @pytest.mark.parametrize("runtime", ["crun", "runc"])
 def test_kill_9_restart_readopts_survivors_and_marks_the_dead_lost(runtime):
     srv = Server("--runtime", runtime, "--reaper-interval", "0.5").start()
@@ -78,6 +90,35 @@ def test_kill_9_restart_readopts_survivors_and_marks_the_dead_lost(runtime):
     finally:
         srv.kill()
         srv.start()
+        srv.destroy_all([key])
+        srv.stop()
+        srv.remove_data()
+
+
+def test_restart_does_not_follow_a_socket_symlink_planted_inside(tmp_path):
+    host_socket = tmp_path / "host-service.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(host_socket))
+    listener.listen()
+    listener.settimeout(0.5)
+    srv = Server().start()
+    key = srv.create_key("grace")
+    try:
+        with srv.client(key) as client:
+            vm_id = client.post("/v1/sandboxes", json={"template": "standard"}).json()["vm_id"]
+            swap = f"rm -f /run/sandboxd/agent.sock && ln -s {host_socket} /run/sandboxd/agent.sock"
+            exec_ok(client, vm_id, swap)
+        srv.kill()
+        srv.start()
+        with srv.client(key) as client:
+            # its agent can no longer be reached by name: the sandbox is lost, not hijacked
+            body = state_of(client, vm_id)
+            assert body["state"] == "destroyed" and body["reason"] == "lost"
+        with pytest.raises(TimeoutError):
+            listener.accept()
+        assert not [leak for leak in host_leaks() if vm_id in leak]
+    finally:
+        listener.close()
         srv.destroy_all([key])
         srv.stop()
         srv.remove_data()

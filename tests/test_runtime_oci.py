@@ -287,7 +287,7 @@ def test_isolation_from_inside(sandboxes):
         assert out.strip() == "ok", err
         assert not (ROOTFS / "root/written").exists()
         assert (ROOTFS / "etc/issue").exists()
-        assert (spec.state_dir / "upper/root/written").read_text() == "inside\n"
+        assert (spec.state_dir / "layer/upper/root/written").read_text() == "inside\n"
 
         # the agent's dirs: run dir writable and shared with the host, code dir read-only
         rc, out, _ = f.exec(spec, f"echo hi > {GUEST_RUN_DIR}/probe && touch {GUEST_CODE_DIR}/x 2>&1; true")

@@ -10,6 +10,9 @@ from fastapi import FastAPI
 
 from sandboxd import __version__
 from sandboxd.api.errors import install_error_handlers
+from sandboxd.api.files import router as files_router
+from sandboxd.api.processes import router as processes_router
+from sandboxd.api.proxy import router as proxy_router
 from sandboxd.api.routes import router
 from sandboxd.config import Settings
 from sandboxd.controlplane.reaper import run_reaper
@@ -54,6 +57,9 @@ def create_app(settings: Settings) -> FastAPI:
     )
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(proxy_router)  # ports and preview links
+    app.include_router(files_router)
+    app.include_router(processes_router)  # streaming exec, processes, PTY
 
     @app.get("/healthz", tags=["service"])
     async def healthz():

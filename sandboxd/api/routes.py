@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from datetime import datetime, timedelta, timezone
-from typing import Annotated, TypeVar
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ValidationError
 
 from sandboxd.api.auth import require_caller
-from sandboxd.api.errors import bad_request_from_validation
+from sandboxd.api.bodies import read_model
+from sandboxd.api.processes import EXEC_RESPONSES, exec_blocking, exec_special
 from sandboxd.api.schemas import (
     CancelResponse,
     CreateSandboxRequest,
@@ -26,11 +25,8 @@ from sandboxd.api.schemas import (
     SandboxSummary,
 )
 from sandboxd.controlplane.service import Caller, SandboxService
-from sandboxd.errors import BadRequest, PayloadTooLarge
+from sandboxd.errors import BadRequest
 from sandboxd.store.models import Sandbox
-
-MAX_BODY_BYTES = 1024 * 1024
-ModelT = TypeVar("ModelT", bound=BaseModel)
 
 router = APIRouter(prefix="/v1/sandboxes", tags=["sandboxes"])
 CallerDep = Annotated[Caller, Depends(require_caller)]
@@ -39,22 +35,6 @@ ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 409, 413, 501, 
 
 def _service(request: Request) -> SandboxService:
     return request.app.state.service
-
-
-async def _parse_body(request: Request, model: type[ModelT]) -> ModelT:
-    body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        raise PayloadTooLarge(f"request body over {MAX_BODY_BYTES} bytes")
-    try:
-        data = json.loads(body or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise BadRequest("request body must be a JSON object", code="invalid_type")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise bad_request_from_validation(exc.errors()) from None
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -109,7 +89,7 @@ def _detail(sandbox: Sandbox) -> dict:
 )
 async def create_sandbox(request: Request, caller: CallerDep):
     """Create a sandbox; answers once it is running and its guest agent answers."""
-    body = await _parse_body(request, CreateSandboxRequest)
+    body = await read_model(request, CreateSandboxRequest)
     sandbox = await _service(request).create(caller, body)
     return JSONResponse(
         {"vm_id": sandbox.id, "state": sandbox.state, "host_port": sandbox.host_port, "endpoint": sandbox.endpoint},
@@ -135,15 +115,21 @@ async def get_sandbox(vm_id: str, request: Request, caller: CallerDep):
 @router.post(
     "/{vm_id}/exec",
     response_model=ExecResponse,
-    responses=ERRORS,
+    responses={**ERRORS, **EXEC_RESPONSES},
     openapi_extra={
         "requestBody": {"required": True, "content": {"application/json": {"schema": ExecRequest.model_json_schema()}}}
     },
 )
 async def exec_command(vm_id: str, request: Request, caller: CallerDep):
-    """Run `/bin/sh -c command` in /workspace and wait for it (default timeout 60 s)."""
-    body = await _parse_body(request, ExecRequest)
-    return await _service(request).exec(caller, vm_id, body)
+    """Run `/bin/sh -c command` in /workspace and wait for it (default timeout 60 s).
+
+    With `Accept: text/event-stream` the output streams as Server-Sent Events (`stdout`,
+    `stderr`, then `exit`); a client that disconnects kills the command. With
+    `background: true` it answers 202 with the process at once (see /processes)."""
+    body = await read_model(request, ExecRequest)
+    if body.background or "text/event-stream" in request.headers.get("accept", "").lower():
+        return await exec_special(request, caller, vm_id, body)
+    return await exec_blocking(request, caller, vm_id, body)
 
 
 @router.delete("/{vm_id}", response_model=DestroyResponse, responses=ERRORS)

@@ -95,6 +95,17 @@ class ExecRequest(StrictModel):
     timeout_seconds: float = Field(default=DEFAULT_EXEC_TIMEOUT_SECONDS, gt=0, le=MAX_EXEC_TIMEOUT_SECONDS)
     cwd: str | None = Field(default=None, min_length=1, max_length=4096)
     env: dict[str, str] = Field(default_factory=dict)
+    stdin: str | None = Field(
+        default=None, max_length=MAX_COMMAND_BYTES * 4, description="written to the command's stdin, then closed"
+    )
+    user: str | None = Field(
+        default=None, min_length=1, max_length=32, pattern=r"^[a-z_][a-z0-9_-]*[$]?$",
+        description="run as this sandbox user (e.g. `user`, uid 1000, HOME=/home/user); default root",
+    )
+    background: bool = Field(
+        default=False,
+        description="answer 202 with the process at once; no timeout unless timeout_seconds is given",
+    )
 
     # strict mode refuses an int where a float is declared; JSON clients send 5, not 5.0
     @field_validator("timeout_seconds", mode="before")

@@ -223,5 +223,103 @@ def keys_revoke(
     console.print(f"revoked {key_id}")
 
 
+@app.command()
+def shell(
+    vm_id: Annotated[str, typer.Argument(help="The sandbox (sbx_...)")],
+    url: Annotated[str, typer.Option("--url", envvar="SANDBOXD_URL", help="API base URL")] = "http://127.0.0.1:8080",
+    key: Annotated[Optional[str], typer.Option("--key", envvar="SANDBOXD_API_KEY", help="API key")] = None,
+    command: Annotated[Optional[str], typer.Option("--command", "-c", help="Run this instead of a login shell")] = None,
+    user: Annotated[Optional[str], typer.Option("--user", "-u", help="Sandbox user (default root)")] = None,
+) -> None:
+    """An interactive terminal in a sandbox (the PTY WebSocket); exits with the shell's code."""
+    if not key:
+        console.print("[red]error:[/red] an API key is needed: --key or SANDBOXD_API_KEY")
+        raise typer.Exit(2)
+    raise typer.Exit(asyncio.run(_shell(url, key, vm_id, command, user)))
+
+
+async def _shell(url: str, key: str, vm_id: str, command: str | None, user: str | None) -> int:
+    import os
+    import shutil
+    import signal
+    import termios
+    import tty
+    from urllib.parse import urlencode
+
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+    cols, rows = shutil.get_terminal_size()
+    query = urlencode({k: v for k, v in {"cols": cols, "rows": rows, "command": command, "user": user}.items() if v})
+    ws_url = url.rstrip("/").replace("https://", "wss://", 1).replace("http://", "ws://", 1)
+    ws_url = f"{ws_url}/v1/sandboxes/{vm_id}/pty?{query}"
+    try:
+        ws = await connect(ws_url, additional_headers={"Authorization": f"Bearer {key}"}, max_size=None)
+    except InvalidStatus as exc:
+        try:
+            error = json.loads(exc.response.body)["error"]
+            console.print(f"[red]error:[/red] {error['code']}: {error['message']}")
+        except (ValueError, KeyError, TypeError):
+            console.print(f"[red]error:[/red] HTTP {exc.response.status_code}")
+        return 1
+    except OSError as exc:
+        console.print(f"[red]error:[/red] cannot reach {url}: {exc}")
+        return 1
+    loop = asyncio.get_running_loop()
+    stdin_fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(stdin_fd) if os.isatty(stdin_fd) else None
+    exit_code = 1
+    inbox: asyncio.Queue[bytes | str] = asyncio.Queue()  # bytes: input; str: a JSON control message
+
+    def on_input() -> None:
+        data = os.read(stdin_fd, 65536)
+        inbox.put_nowait(data)
+        if not data:
+            loop.remove_reader(stdin_fd)
+
+    def on_winch() -> None:
+        c, r = shutil.get_terminal_size()
+        inbox.put_nowait(json.dumps({"type": "resize", "cols": c, "rows": r}))
+
+    async def pump_input() -> None:
+        while True:
+            data = await inbox.get()
+            if data == b"":
+                return  # local EOF: keep reading output until the remote side ends
+            await ws.send(data)
+
+    try:
+        if saved is not None:
+            tty.setraw(stdin_fd)
+            loop.add_signal_handler(signal.SIGWINCH, on_winch)
+        try:
+            loop.add_reader(stdin_fd, on_input)
+        except (PermissionError, ValueError):  # stdin is a regular file: send it whole
+            with open(stdin_fd, "rb", closefd=False) as stdin_file:
+                inbox.put_nowait(stdin_file.read())
+        sender = asyncio.create_task(pump_input())
+        try:
+            async for message in ws:
+                if isinstance(message, bytes):
+                    sys.stdout.buffer.write(message)
+                    sys.stdout.buffer.flush()
+                else:
+                    event = json.loads(message)
+                    if event.get("type") == "exit":
+                        exit_code = int(event.get("exit_code") or 0)
+                        break
+        except ConnectionClosed:
+            pass
+        finally:
+            sender.cancel()
+    finally:
+        loop.remove_reader(stdin_fd)
+        if saved is not None:
+            loop.remove_signal_handler(signal.SIGWINCH)
+            termios.tcsetattr(stdin_fd, termios.TCSADRAIN, saved)
+        await ws.close()
+    return exit_code
+
+
 def main() -> None:  # pragma: no cover
     sys.exit(app())

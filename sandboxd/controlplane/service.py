@@ -70,19 +70,32 @@ class SandboxService:
         await self.store.set_worker_state(worker_id, "down")
 
     async def _reconcile_worker(self, handle: WorkerAPI) -> None:
-        """After a restart: adopt what still runs, mark the rest lost, destroy strays."""
-        running = {status.vm_id: status for status in await handle.list_sandboxes() if status.alive}
-        known = {sandbox.id for sandbox in await self.store.list_sandboxes(worker_id=handle.worker_id)}
-        for sandbox_id in known:
-            status = running.get(sandbox_id)
-            if status is None:
-                await self._mark_destroyed(sandbox_id, "lost")
-                log.warning("sandbox %s was lost while the worker was away", sandbox_id)
+        """After a restart: adopt what still runs, finish interrupted teardowns, mark the
+        rest lost, and destroy strays the store does not know."""
+        running = {status.vm_id for status in await handle.list_sandboxes() if status.alive}
+        records = await self.store.list_sandboxes(worker_id=handle.worker_id)
+        for sandbox in records:
+            if sandbox.state == "stopping":
+                if sandbox.id in running:
+                    await handle.destroy_sandbox(sandbox.id)
+                await self._mark_destroyed(sandbox.id, sandbox.destroy_reason or "user_request")
+            elif sandbox.id not in running:
+                await self._mark_destroyed(sandbox.id, "lost")
+                log.warning("sandbox %s was lost while the worker was away", sandbox.id)
             else:
-                await self.store.update_sandbox(sandbox_id, state="running", last_active_at=utcnow())
-        for stray in running.keys() - known:
+                await self.store.update_sandbox(sandbox.id, state="running", last_active_at=utcnow())
+        for stray in running - {sandbox.id for sandbox in records}:
             log.warning("destroying stray sandbox %s the store does not know", stray)
             await handle.destroy_sandbox(stray)
+
+    async def sweep_dead(self) -> list[str]:
+        """Destroy (reason `lost`) sandboxes whose init died under a running worker."""
+        lost = []
+        for handle in list(self._workers.values()):
+            for status in await handle.list_sandboxes():
+                if not status.alive and await self.destroy_by_id(status.vm_id, "lost"):
+                    lost.append(status.vm_id)
+        return lost
 
     def _worker(self, worker_id: str | None) -> WorkerAPI:
         handle = self._workers.get(worker_id or "")
@@ -254,6 +267,8 @@ class SandboxService:
                     cwd=request.cwd,
                     env=dict(request.env),
                     timeout_seconds=request.timeout_seconds,
+                    stdin=request.stdin,
+                    user=request.user,
                 ),
             )
         finally:
@@ -329,10 +344,10 @@ class SandboxService:
     # --- reaping ----------------------------------------------------------------------
 
     async def reap_once(self) -> list[tuple[str, str]]:
-        """Destroy sandboxes past their lifetime or idle; retry stuck teardowns."""
+        """Destroy sandboxes past their lifetime, idle, or dead; retry stuck teardowns."""
         await self.activity.flush()
+        reaped: list[tuple[str, str]] = [(sandbox_id, "lost") for sandbox_id in await self.sweep_dead()]
         now = utcnow()
-        reaped: list[tuple[str, str]] = []
         for sandbox in await self.store.list_sandboxes():
             if sandbox.worker_id not in self._workers:
                 continue

@@ -26,7 +26,7 @@ from collections import deque
 from itertools import repeat
 
 import _http
-from _http import HTTPError, error_response, json_response
+from _http import HTTPError, json_response
 from protocol import BOOT_CONFIG_NAME, GUEST_RUN_DIR, PROTOCOL_VERSION, SOCKET_NAME, WORKSPACE_DIR
 
 try:
@@ -179,6 +179,9 @@ class LineLogger:
         self.feed(b"", final=True)
 
 
+_CONN = threading.local()  # .sock: the connection the current thread serves (run_command watches it)
+
+
 class _Waiter:
     __slots__ = ("fd", "status")
 
@@ -213,6 +216,14 @@ class Agent:
             "/logs": {"GET": self.h_logs},
             "/exec": {"POST": self.h_exec},
         }
+        from _procs import ProcTable
+
+        self.procs = ProcTable(self)
+        self.routes.update(self.procs.routes())
+        from _files import Files  # file operations (upload, download, list, tar, watch)
+
+        self.files = Files(self)
+        self.routes.update(self.files.routes())
 
     # -- HTTP application -------------------------------------------------------------
     def check(self, req):
@@ -252,6 +263,7 @@ class Agent:
         return json_response({
             "running_commands": n,
             "last_command_finished_at": iso_us(last) if last is not None else None,
+            **self.files.status(),
         })
 
     def h_logs(self, req):
@@ -311,22 +323,46 @@ class Agent:
             max_out = DEFAULT_MAX_OUTPUT
         elif isinstance(max_out, bool) or not isinstance(max_out, int) or not 0 <= max_out <= MAX_MAX_OUTPUT:
             raise HTTPError(400, "invalid_field", "max_output_bytes must be an integer from 0 to %d" % MAX_MAX_OUTPUT)
+        stdin = body.get("stdin")
+        if stdin is not None and not isinstance(stdin, str):
+            raise HTTPError(400, "invalid_field", "stdin must be a string")
+        user = body.get("user")
+        if user is not None:
+            from _procs import resolve_user
+
+            user = resolve_user(user)
+        background = body.get("background", False)
+        stream = body.get("stream", False)
+        if not isinstance(background, bool) or not isinstance(stream, bool):
+            raise HTTPError(400, "invalid_field", "background and stream must be booleans")
+        if background and body.get("timeout_seconds") is None:
+            timeout = None  # a background process lives as long as the sandbox unless told otherwise
         if not os.path.isdir(cwd):
             raise HTTPError(400, "cwd_not_found", "cwd %s is not an existing directory" % cwd[:500])
-        return json_response(self.run_command(command, cwd, env, float(timeout), max_out))
+        if background or stream:
+            proc = self.procs.start(command, cwd, env, None if timeout is None else float(timeout), user, stdin, background)
+            if background:
+                return json_response(proc.status(), 201)
+            return _http.Response(200, self.procs.events(proc), [("Content-Type", "application/x-ndjson")])
+        return json_response(self.run_command(command, cwd, env, float(timeout), max_out, stdin, user))
 
     # -- process management -----------------------------------------------------------
-    def spawn(self, argv, cwd, env):
-        """Popen in a new session; returns (popen, waiter_read_fd). Caller must finish()."""
+    def spawn(self, argv, cwd, env, stdin=False, user=None):
+        """Popen in a new session; returns (popen, waiter_read_fd). Caller must finish().
+
+        ``stdin``: True for a stdin pipe (else /dev/null); ``user``: a resolve_user() tuple."""
         import subprocess
+
+        from _procs import user_env, user_kwargs
 
         r, w = os.pipe()
         waiter = _Waiter(w)
         try:
             with self.children_lock:
                 p = subprocess.Popen(
-                    argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE, start_new_session=True, close_fds=True,
+                    argv, cwd=cwd, env=user_env(env, user), stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, close_fds=True,
+                    **user_kwargs(user)
                 )
                 self.children[p.pid] = waiter
         except BaseException:
@@ -335,23 +371,43 @@ class Agent:
             raise
         return p, waiter, r
 
-    def run_command(self, command, cwd, env, timeout, max_out):
+    def run_command(self, command, cwd, env, timeout, max_out, stdin=None, user=None):
         import select
 
         t0 = time.monotonic()
         try:
-            p, waiter, notify_r = self.spawn(["/bin/sh", "-c", command], cwd, env)
+            p, waiter, notify_r = self.spawn(["/bin/sh", "-c", command], cwd, env, stdin is not None, user)
         except (FileNotFoundError, NotADirectoryError) as e:
             if not os.path.isdir(cwd):
                 raise HTTPError(400, "cwd_not_found", "cwd %s is not an existing directory" % cwd[:500]) from None
             raise HTTPError(500, "spawn_failed", "cannot start /bin/sh: %s" % e) from None
+        except PermissionError as e:
+            raise HTTPError(400, "permission_denied", "cannot start the command: %s" % e) from None
         except OSError as e:
             raise HTTPError(500, "spawn_failed", "cannot start /bin/sh: %s" % e) from None
         pid = p.pid
         with self.state_lock:
             self.running[pid] = pid
+        if p.stdin is not None:  # fed by a thread: a command may fill stdout before reading stdin
+            data = stdin.encode("utf-8", "surrogatepass")
+            stdin_file = p.stdin
+
+            def feed():
+                try:
+                    stdin_file.write(data)
+                except OSError:
+                    pass
+                finally:
+                    try:
+                        stdin_file.close()
+                    except OSError:
+                        pass
+
+            if len(data) <= 16384:
+                feed()
+            else:
+                threading.Thread(target=feed, daemon=True).start()
         out_fd, err_fd = p.stdout.fileno(), p.stderr.fileno()
-        names = {out_fd: "stdout", err_fd: "stderr"}
         loggers = {out_fd: LineLogger(self.logs, "stdout", "exec"), err_fd: LineLogger(self.logs, "stderr", "exec")}
         chunks = {out_fd: [], err_fd: []}
         sizes = {out_fd: 0, err_fd: 0}
@@ -364,6 +420,12 @@ class Agent:
         poller = select.poll()
         for fd in (out_fd, err_fd, notify_r):
             poller.register(fd, select.POLLIN)
+        # The client hanging up (the worker cancelled the call) kills the command too.
+        conn = getattr(_CONN, "sock", None)
+        conn_fd = conn.fileno() if conn is not None else -1
+        if conn_fd >= 0:
+            poller.register(conn_fd, select.POLLRDHUP)
+        gone = False
         deadline = t0 + timeout
         end_by = None  # after exit: drain deadline; after a timeout kill: give-up deadline
         try:
@@ -372,21 +434,29 @@ class Agent:
                 if exited and (not open_fds or now >= end_by):
                     break
                 if not exited:
-                    if not timed_out and now >= deadline:
+                    if not timed_out and not gone and now >= deadline:
                         timed_out = True
-                        try:
-                            os.killpg(pid, signal.SIGKILL)
-                        except OSError:
-                            pass
+                        from _procs import kill_session
+
+                        kill_session(pid)  # its group and any other group of its session
                         end_by = now + KILL_WAIT_SECONDS
                         continue
-                    if timed_out and now >= end_by:
+                    if (timed_out or gone) and now >= end_by:
                         break  # leader unkillable (D state?): give up waiting
-                    wait = (end_by if timed_out else deadline) - now
+                    wait = (end_by if timed_out or gone else deadline) - now
                 else:
                     wait = end_by - now
                 events = poller.poll(max(0, int(wait * 1000) + 1))
                 for fd, ev in events:
+                    if fd == conn_fd:
+                        poller.unregister(conn_fd)
+                        if not exited and not timed_out:
+                            from _procs import kill_session
+
+                            gone = True
+                            kill_session(pid)
+                            end_by = time.monotonic() + KILL_WAIT_SECONDS
+                        continue
                     if fd == notify_r:
                         os.read(notify_r, 16)
                         poller.unregister(notify_r)
@@ -482,6 +552,7 @@ class Agent:
 
     # -- serving ---------------------------------------------------------------------
     def _serve_conn(self, sock):
+        _CONN.sock = sock
         try:
             _http.Connection(sock, self, IDLE_CONNECTION_TIMEOUT, self.on_error).serve()
         finally:

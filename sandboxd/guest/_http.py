@@ -22,7 +22,6 @@ pulls in dataclasses/inspect), and the agent only needs the request side of HTTP
 """
 
 import json
-import socket
 
 MAX_HEAD_BYTES = 64 * 1024
 MAX_HEADERS = 100

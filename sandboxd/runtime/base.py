@@ -19,6 +19,7 @@ class Resources:
     cpu_fraction: float
     memory_mib: int
     pids_limit: int
+    disk_mib: int = 2048  # size limit of the sandbox's writable layer (its own ext4 image)
 
     @property
     def cpu_quota(self) -> float:

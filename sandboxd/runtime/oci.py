@@ -3,7 +3,9 @@
 Per sandbox (``spec.state_dir``)::
 
     state_dir/
-      upper/ work/      overlay writable layer (everything the sandbox writes)
+      disk.img          sparse ext4 image, size = resources.disk_mib: the writable layer's limit
+      layer/            disk.img loop-mounted (autoclear); holds upper/ and work/
+      layer/upper/ layer/work/   overlay writable layer (everything the sandbox writes)
       rootfs/           overlay mount: lowerdir = template rootfs (never written)
       config.json       OCI bundle config (see oci_spec)
       hosts hostname resolv.conf   bind-mounted into /etc
@@ -32,6 +34,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -54,7 +57,9 @@ _VM_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # Entries of state_dir this backend creates (and removes on destroy).
 _STATE_ENTRIES = (
     "rootfs",
-    "upper",
+    "layer",  # unmounted after rootfs (the overlay's upper lives in it), then its image goes
+    "disk.img",
+    "upper",  # sandboxes created before the size limit kept upper/work on the host disk
     "work",
     "config.json",
     "hosts",
@@ -75,6 +80,10 @@ _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctype
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.unshare.argtypes = [ctypes.c_int]
 _UNIFIED_BYTES = bytes(UNIFIED_MOUNT)
+
+
+_LOOP_CLR_FD = 0x4C01
+MKFS_EXT4 = shutil.which("mkfs.ext4") or "/usr/sbin/mkfs.ext4"
 
 
 class OciError(Exception):
@@ -315,8 +324,12 @@ class OciRuntime:
 
             state_dir.mkdir(parents=True, exist_ok=True)
             undo.callback(_remove_state_entries, state_dir)
-            upper, work, rootfs = state_dir / "upper", state_dir / "work", state_dir / "rootfs"
-            for d in (upper, work, rootfs):
+            layer, rootfs = state_dir / "layer", state_dir / "rootfs"
+            layer.mkdir(mode=0o700)
+            rootfs.mkdir(mode=0o755)
+            await _make_layer_fs(state_dir / "disk.img", layer, spec.resources.disk_mib)
+            upper, work = layer / "upper", layer / "work"
+            for d in (upper, work):
                 d.mkdir(mode=0o755)
             # the template root's mode/owner, not mkdir's, becomes the sandbox's "/"
             st = os.stat(spec.rootfs)
@@ -456,14 +469,85 @@ def _unlink_quiet(p: Path) -> None:
         os.unlink(p)
 
 
+async def _make_layer_fs(image: Path, mountpoint: Path, size_mib: int) -> None:
+    """A sparse ext4 image of size_mib, loop-mounted on mountpoint: the sandbox's disk limit.
+
+    ~25 ms (truncate 0, mkfs 8-13, mount -o loop 6-10). No journal (a sandbox never outlives
+    its host's uptime), no reserved blocks (root inside gets exactly size_mib), lazy inode
+    tables; mounted with ``discard`` so files deleted inside give their space back to the host.
+    ``mount -o loop`` sets autoclear: the loop device goes away with the last unmount.
+    """
+    fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, size_mib * 1024 * 1024)
+    finally:
+        os.close(fd)
+    await _run_tool(MKFS_EXT4, "-q", "-F", "-m", "0", "-O", "^has_journal",
+                    "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1", str(image))  # fmt: skip
+    await _run_tool("mount", "-t", "ext4", "-o", "loop,discard,noatime", str(image), str(mountpoint))
+
+
+async def _run_tool(*argv: str) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), CLI_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise OciError(f"{argv[0]} timed out") from None
+    if proc.returncode != 0:
+        raise OciError(f"{os.path.basename(argv[0])} failed ({proc.returncode}): {_tail(out or b'')}")
+
+
+def loop_devices_backed_by(image: Path) -> list[str]:
+    """/dev/loopN devices whose backing file is image (read from sysfs, no subprocess)."""
+    target = str(image)
+    found = []
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        with contextlib.suppress(OSError):
+            name = backing.read_text().strip().removesuffix(" (deleted)")
+            if name == target:
+                found.append("/dev/" + backing.parent.parent.name)
+    return found
+
+
+def _detach_loops(image: Path, deadline_s: float = 5.0) -> None:
+    """Detach the image's loop devices; wait for autoclear (a dying mount namespace may
+    still hold the filesystem for a moment after the host's unmount)."""
+    end = time.monotonic() + deadline_s
+    while True:
+        devices = loop_devices_backed_by(image)
+        if not devices:
+            return
+        for dev in devices:
+            with contextlib.suppress(OSError):
+                fd = os.open(dev, os.O_RDONLY)
+                try:
+                    fcntl.ioctl(fd, _LOOP_CLR_FD)  # busy: the kernel sets autoclear instead
+                except OSError:
+                    pass
+                finally:
+                    os.close(fd)
+        if time.monotonic() > end:
+            log.warning("loop device(s) %s of %s still attached", ", ".join(devices), image)
+            return
+        time.sleep(0.01)
+
+
 def _remove_state_entries(state_dir: Path) -> None:
-    rootfs = state_dir / "rootfs"
     for name in _STATE_ENTRIES:
         p = state_dir / name
-        if name == "rootfs" and _is_mountpoint(rootfs):
-            _umount(rootfs)
-            if _is_mountpoint(rootfs):  # never delete through a live mount
+        if name in ("rootfs", "layer") and _is_mountpoint(p):
+            _umount(p)
+            if _is_mountpoint(p):  # never delete through a live mount
                 continue
+        if name == "disk.img":
+            if _is_mountpoint(state_dir / "layer"):
+                continue  # still in use: keep the image (a later destroy or reclaim retries)
+            _detach_loops(p)
         if p.is_symlink() or p.is_file():
             _unlink_quiet(p)
         elif p.is_dir():

@@ -6,9 +6,7 @@ plain hash is enough), and sandbox env vars are never stored at all.
 
 from __future__ import annotations
 
-from datetime import datetime
-
-from datetime import timezone
+from datetime import datetime, timezone
 
 from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -95,3 +93,18 @@ class Sandbox(Base):
         Index("ix_sandboxes_user_state", "user_id", "state"),
         Index("ix_sandboxes_worker_state", "worker_id", "state"),
     )
+
+
+class SandboxAccessToken(Base):
+    """A preview token: opens one sandbox's ports through the proxy, nothing else.
+
+    Stored only as a SHA-256 hash; rows go with their sandbox (ON DELETE CASCADE at purge).
+    """
+
+    __tablename__ = "sandbox_access_tokens"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    sandbox_id: Mapped[str] = mapped_column(ForeignKey("sandboxes.id", ondelete="CASCADE"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)

@@ -10,7 +10,7 @@ from sqlalchemy.exc import IntegrityError
 
 from sandboxd import ids
 from sandboxd.store.db import make_engine, migrate, sessionmaker
-from sandboxd.store.models import ApiKey, Sandbox, User, Worker
+from sandboxd.store.models import ApiKey, Sandbox, SandboxAccessToken, User, Worker
 
 LIVE_STATES = ("creating", "running", "stopping")
 
@@ -196,6 +196,34 @@ class Store:
                 delete(Sandbox).where(
                     Sandbox.state == "destroyed", Sandbox.destroyed_at < utcnow() - older_than
                 )
+            )
+            await session.commit()
+            return result.rowcount
+
+    # --- sandbox access tokens (preview links) -------------------------------------------
+
+    async def insert_access_token(self, token: SandboxAccessToken) -> None:
+        async with self._session() as session:
+            session.add(token)
+            await session.commit()
+
+    async def find_access_token(self, token_hash: str) -> SandboxAccessToken | None:
+        """The live (unrevoked, unexpired) token with this hash, if any."""
+        async with self._session() as session:
+            return await session.scalar(
+                select(SandboxAccessToken).where(
+                    SandboxAccessToken.token_hash == token_hash,
+                    SandboxAccessToken.revoked_at.is_(None),
+                    SandboxAccessToken.expires_at > utcnow(),
+                )
+            )
+
+    async def revoke_access_tokens(self, sandbox_id: str) -> int:
+        async with self._session() as session:
+            result = await session.execute(
+                update(SandboxAccessToken)
+                .where(SandboxAccessToken.sandbox_id == sandbox_id, SandboxAccessToken.revoked_at.is_(None))
+                .values(revoked_at=utcnow())
             )
             await session.commit()
             return result.rowcount

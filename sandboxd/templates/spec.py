@@ -54,7 +54,7 @@ __all__ = [
     "load_builtin", "load_file", "loads", "list_builtin", "parse_spec", "DEFAULT_RESOURCES",
 ]
 
-DEFAULT_RESOURCES = Resources(vcpu=1, cpu_fraction=0.5, memory_mib=512, pids_limit=1024)
+DEFAULT_RESOURCES = Resources(vcpu=1, cpu_fraction=0.5, memory_mib=512, pids_limit=1024, disk_mib=2048)
 REQUIRED_PACKAGES = ("python3",)  # the guest agent runs with the template's own python3
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
@@ -239,7 +239,7 @@ class _Ctx:
 
 _TOP_KEYS = {"name", "description", "base", "packages", "pip_packages", "npm_packages", "build_commands",
              "env", "resources", "files", "services"}
-_RES_KEYS = {"vcpu", "cpu_fraction", "memory_mib", "pids_limit"}
+_RES_KEYS = {"vcpu", "cpu_fraction", "memory_mib", "pids_limit", "disk_mib"}
 _FILE_KEYS = {"src", "content", "dest", "mode"}
 _SERVICE_KEYS = {"name", "command", "user", "cwd", "env", "restart", "readiness"}
 _READY_KEYS = {"tcp_port", "http_url", "command", "timeout_seconds"}
@@ -267,6 +267,8 @@ def parse_spec(data: dict[str, Any], *, where: str = "<template>", base_dir: Pat
                               lo_open=True),
         memory_mib=c.integer(res_t, "memory_mib", "resources.memory_mib", d.memory_mib, 64, 1024 * 1024),
         pids_limit=c.integer(res_t, "pids_limit", "resources.pids_limit", d.pids_limit, 16, 4_194_304),
+        # the writable layer's size limit; not a build input, so not part of canonical()/the digest
+        disk_mib=c.integer(res_t, "disk_mib", "resources.disk_mib", d.disk_mib, 64, 1024 * 1024),
     )
 
     files_t = data.get("files", [])

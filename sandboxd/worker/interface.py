@@ -8,7 +8,7 @@ holds WorkerAPI handles, so it cannot tell the two apart.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import AsyncIterator, Protocol
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,26 @@ class ExecCommand:
     command: str
     cwd: str | None = None
     env: dict[str, str] = field(default_factory=dict)
-    timeout_seconds: float = 60.0
+    timeout_seconds: float | None = 60.0  # None: no limit (background processes only)
+    stdin: str | None = None
+    user: str | None = None
+    background: bool = False
+
+
+@dataclass(frozen=True)
+class PortTarget:
+    """Where the control plane connects to reach port `port` of a sandbox.
+
+    The local worker answers the guest's own address (its veth IP and the port itself).
+    A remote worker answers its own proxy instead: host/port of the worker, the proxied
+    path prefixed with `path_prefix`, and `headers` (e.g. the worker's credentials) added.
+    """
+
+    host: str
+    port: int
+    scheme: str = "http"  # "http" or "https"; WebSockets use ws/wss accordingly
+    path_prefix: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 class WorkerAPI(Protocol):
@@ -68,3 +87,55 @@ class WorkerAPI(Protocol):
     async def exec(self, vm_id: str, command: ExecCommand) -> dict: ...
 
     async def logs(self, vm_id: str, since: str | None, limit: int) -> dict: ...
+
+    async def port_target(self, vm_id: str, port: int) -> PortTarget:
+        """Where to connect for the sandbox's port (1-65535); NotFound if the sandbox is unknown."""
+
+    # Processes and PTYs (sandboxd/controlplane/processes.py; the agent's /procs, /pty).
+    async def exec_stream(self, vm_id: str, command: ExecCommand) -> EventStream:
+        """Starts a command and streams its events; errors raise before any event."""
+
+    async def process_call(
+        self, vm_id: str, method: str, op: str, params: dict | None = None, body: dict | None = None,
+        content: bytes | None = None, timeout: float | None = None,
+    ) -> dict: ...
+
+    async def process_stream(self, vm_id: str, op: str, params: dict) -> EventStream: ...
+
+    async def open_pty(self, vm_id: str, params: dict) -> PtySession: ...
+
+    # Files (sandboxd/controlplane/files.py). `op` is the guest path ("/files/stat", ...).
+    async def files_call(self, vm_id: str, method: str, op: str, params: dict | None, body: dict | None) -> dict: ...
+
+    async def files_upload(self, vm_id: str, op: str, params: dict, content: AsyncIterator[bytes]) -> dict:
+        """Streams `content` (never held whole) into the sandbox."""
+
+    async def files_open(self, vm_id: str, op: str, params: dict) -> ByteStream:
+        """Opens a streamed answer (download, tar, watch); errors raise before any byte."""
+
+
+class ByteStream(Protocol):
+    headers: dict[str, str]
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class EventStream(Protocol):
+    """Events of a running command: dicts with ``type`` stdout/stderr (``data``,
+    ``offset``), heartbeat, and finally exit (``exit_code``, ``timed_out``)."""
+
+    def __aiter__(self) -> AsyncIterator[dict]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class PtySession(Protocol):
+    async def read_frame(self) -> tuple[str, bytes] | None: ...
+
+    async def write(self, data: bytes) -> None: ...
+
+    async def resize(self, cols: int, rows: int) -> None: ...
+
+    async def aclose(self) -> None: ...

@@ -19,10 +19,11 @@ import shutil
 from contextlib import AsyncExitStack
 from dataclasses import asdict
 from pathlib import Path
+from typing import Awaitable, TypeVar
 
 import sandboxd.guest
 from sandboxd.config import Settings
-from sandboxd.errors import BadRequest, NotFound, SandboxdError, WorkerFailure
+from sandboxd.errors import BadRequest, Conflict, NotFound, PayloadTooLarge, SandboxdError, WorkerFailure
 from sandboxd.guest.client import GuestClient, GuestError, GuestUnavailable
 from sandboxd.guest.protocol import BOOT_CONFIG_NAME, PROTOCOL_VERSION, SOCKET_NAME
 from sandboxd.runtime.base import LaunchSpec, Resources
@@ -30,9 +31,10 @@ from sandboxd.runtime.network import NetworkManager, NetworkSlot
 from sandboxd.runtime.oci import OciRuntime, default_nameservers
 from sandboxd.templates.builder import TemplateStore
 from sandboxd.templates.spec import load_builtin
-from sandboxd.worker.interface import CreateSandbox, ExecCommand, SandboxStatus, WorkerInfo
+from sandboxd.worker.interface import CreateSandbox, ExecCommand, PortTarget, SandboxStatus, WorkerInfo
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 AGENT_READY_TIMEOUT_SECONDS = 20.0
 GUEST_CODE_DIR = Path(sandboxd.guest.__file__).parent
@@ -219,6 +221,7 @@ class LocalWorker:
                         cpu_fraction=request.cpu_fraction,
                         memory_mib=request.memory_mib,
                         pids_limit=spec.resources.pids_limit,
+                        disk_mib=spec.resources.disk_mib,
                     ),
                     netns_path=slot.netns_path,
                     agent_dir=agent_dir,
@@ -282,41 +285,97 @@ class LocalWorker:
         return sandbox.status(running_commands=int(status.get("running_commands", 0)))
 
     async def list_sandboxes(self) -> list[SandboxStatus]:
-        return [sandbox.status() for sandbox in self._sandboxes.values()]
+        running = await self.runtime.list_running()
+        return [
+            sandbox.status() if vm_id in running else SandboxStatus(vm_id=vm_id, alive=False)
+            for vm_id, sandbox in list(self._sandboxes.items())
+        ]
+
+    async def _guest(self, vm_id: str, call: Awaitable[T]) -> T:
+        """Await one call to the sandbox's agent, its failures turned into the error tree."""
+        try:
+            return await call
+        except GuestError as exc:
+            raise _guest_error(exc) from None
+        except GuestUnavailable as exc:
+            raise WorkerFailure(f"sandbox {vm_id} is not answering: {exc}", code="sandbox_unreachable") from None
 
     async def exec(self, vm_id: str, command: ExecCommand) -> dict:
-        sandbox = self._get(vm_id)
-        try:
-            return await sandbox.client.exec(
-                command.command,
-                cwd=command.cwd,
-                env=command.env or None,
-                timeout_seconds=command.timeout_seconds,
-            )
-        except GuestError as exc:
-            raise _guest_error(exc) from None
-        except GuestUnavailable as exc:
-            raise WorkerFailure(f"sandbox {vm_id} is not answering: {exc}", code="sandbox_unreachable") from None
+        client = self._get(vm_id).client
+        return await self._guest(vm_id, client.exec(
+            command.command,
+            cwd=command.cwd,
+            env=command.env or None,
+            timeout_seconds=command.timeout_seconds,
+            stdin=command.stdin,
+            user=command.user,
+        ))  # fmt: skip
 
     async def logs(self, vm_id: str, since: str | None, limit: int) -> dict:
-        sandbox = self._get(vm_id)
-        try:
-            return await sandbox.client.logs(since=since, limit=limit)
-        except GuestError as exc:
-            raise _guest_error(exc) from None
-        except GuestUnavailable as exc:
-            raise WorkerFailure(f"sandbox {vm_id} is not answering: {exc}", code="sandbox_unreachable") from None
+        return await self._guest(vm_id, self._get(vm_id).client.logs(since=since, limit=limit))
+
+    async def port_target(self, vm_id: str, port: int) -> PortTarget:
+        """The guest's veth address: the host reaches any port of it directly (the nft rules
+        drop only connections the sandbox opens towards the host, not the host's replies)."""
+        return PortTarget(host=self._get(vm_id).slot.guest_ip, port=port)
+
+    # --- processes and PTYs (the agent's /procs and /pty; sandboxd/guest/_procs.py) -----
+
+    async def exec_stream(self, vm_id: str, command: ExecCommand):
+        body: dict = {"command": command.command, "stream": True, "env": command.env or {}}
+        for name in ("cwd", "timeout_seconds", "stdin", "user"):
+            if getattr(command, name) is not None:
+                body[name] = getattr(command, name)
+        return await self._guest(vm_id, self._get(vm_id).client.proc_stream("POST", "/exec", json=body))
+
+    async def process_call(self, vm_id, method, op, params=None, body=None, content=None, timeout=None) -> dict:
+        client = self._get(vm_id).client
+        return await self._guest(
+            vm_id, client.proc_call(method, op, params=params, json=body, content=content, timeout=timeout)
+        )
+
+    async def process_stream(self, vm_id: str, op: str, params: dict):
+        return await self._guest(vm_id, self._get(vm_id).client.proc_stream("GET", op, params=params))
+
+    async def open_pty(self, vm_id: str, params: dict):
+        return await self._guest(vm_id, self._get(vm_id).client.open_pty(params))
+
+    # --- files (the guest agent does the work; see sandboxd/guest/_files.py) -----------
+
+    async def files_call(self, vm_id: str, method: str, op: str, params: dict | None, body: dict | None) -> dict:
+        return await self._guest(vm_id, self._get(vm_id).client.files_call(method, op, params=params, json=body))
+
+    async def files_upload(self, vm_id: str, op: str, params: dict, content) -> dict:
+        return await self._guest(vm_id, self._get(vm_id).client.files_upload(op, params, content))
+
+    async def files_open(self, vm_id: str, op: str, params: dict):
+        return await self._guest(vm_id, self._get(vm_id).client.files_open(op, params))
+
+
+# Agent error codes whose message does not start with the field it is about.
+_FIELD_BY_CODE = {
+    "cwd_not_found": "cwd", "unknown_user": "user", "invalid_user": "user", "invalid_signal": "signal",
+    "process_not_found": "process_id", "process_exited": "process_id",
+    "stdin_closed": "stdin", "stdin_full": "stdin",
+}  # fmt: skip
+_ERROR_BY_STATUS = {400: BadRequest, 404: NotFound, 409: Conflict, 413: PayloadTooLarge}
+
+
+def _guest_error(exc: GuestError) -> SandboxdError:
+    """An agent's 4xx answer -> the error tree, naming the field ("path: ..." messages name
+    theirs); anything else means the agent failed us."""
+    if not 400 <= exc.status < 500:
+        return WorkerFailure(exc.message, code=exc.code)
+    head, sep, _ = exc.message.partition(": ")
+    field = head if sep and head.isidentifier() else _FIELD_BY_CODE.get(exc.code)
+    message = exc.message if field is None or exc.message.startswith(field) else f"{field}: {exc.message}"
+    error = _ERROR_BY_STATUS.get(exc.status, BadRequest)(message, code=exc.code, field=field)
+    error.status = exc.status  # also 403 permission_denied and the like
+    return error
 
 
 def _slot_from_state(state: dict) -> NetworkSlot:
     return NetworkSlot(**(state["slot"] | {"netns_path": Path(state["slot"]["netns_path"])}))
-
-
-def _guest_error(exc: GuestError) -> SandboxdError:
-    if 400 <= exc.status < 500:
-        field = "cwd" if exc.code == "cwd_not_found" else None
-        return BadRequest(exc.message, code=exc.code, field=field)
-    return WorkerFailure(exc.message, code=exc.code)
 
 
 def _write_private_json(path: Path, data: dict) -> None:
