@@ -257,9 +257,8 @@ def test_store_build_reuse_and_current(tmp_path, fake_mmdebstrap, monkeypatch):
     assert [p.name for p in (tmp_path / "cache/templates/tiny").iterdir() if p.name.startswith(".tmp")] == []
 
     # same digest: reused at once, no second mmdebstrap run
-    t0 = time.monotonic()
     assert store.build(spec) == img
-    assert time.monotonic() - t0 < 0.5 and fake_mmdebstrap() == 1
+    assert fake_mmdebstrap() == 1
     assert TemplateStore(tmp_path / "cache").get("tiny") == img  # survives a restart
 
     # a changed spec builds anew and becomes current; the old build stays on disk
