@@ -42,6 +42,11 @@ class Settings:
     reaper_interval_seconds: float = 1.0
     destroyed_retention_hours: float = 24.0
     mirror: str = "http://deb.debian.org/debian"
+    # Agents: the LLM endpoints they call (None: the provider's public URL). A create
+    # request's llm_base_url wins over these.
+    anthropic_base_url: str | None = None
+    openai_base_url: str | None = None
+    agent_cancel_grace_seconds: float = 10.0  # SIGINT, then this long, then SIGTERM/SIGKILL
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -73,6 +78,12 @@ class Settings:
             values["oci_runtime"] = env["SANDBOXD_OCI_RUNTIME"]
         if "SANDBOXD_MIRROR" in env:
             values["mirror"] = env["SANDBOXD_MIRROR"]
+        if "SANDBOXD_ANTHROPIC_BASE_URL" in env:
+            values["anthropic_base_url"] = env["SANDBOXD_ANTHROPIC_BASE_URL"] or None
+        if "SANDBOXD_OPENAI_BASE_URL" in env:
+            values["openai_base_url"] = env["SANDBOXD_OPENAI_BASE_URL"] or None
+        if "SANDBOXD_AGENT_CANCEL_GRACE_SECONDS" in env:
+            values["agent_cancel_grace_seconds"] = float(env["SANDBOXD_AGENT_CANCEL_GRACE_SECONDS"])
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)
         settings.validate()
@@ -84,3 +95,9 @@ class Settings:
             raise ValueError(f"oci_runtime must be crun or runc, got {self.oci_runtime!r}")
         if self.cpu_overcommit <= 0 or self.memory_overcommit <= 0:
             raise ValueError("overcommit ratios must be positive")
+        for name in ("anthropic_base_url", "openai_base_url"):
+            url = getattr(self, name)
+            if url is not None and not url.startswith(("http://", "https://")):
+                raise ValueError(f"{name} must be an http:// or https:// URL, got {url!r}")
+        if self.agent_cancel_grace_seconds < 0:
+            raise ValueError("agent_cancel_grace_seconds must not be negative")

@@ -20,6 +20,7 @@ MAX_ENV_VARS = 128
 MAX_ENV_VALUE_BYTES = 32 * 1024
 MAX_ENV_TOTAL_BYTES = 128 * 1024
 MAX_TASK_BYTES = 64 * 1024
+MAX_LLM_BASE_URL_CHARS = 2048
 MAX_COMMAND_BYTES = 256 * 1024
 DEFAULT_EXEC_TIMEOUT_SECONDS = 60
 MAX_EXEC_TIMEOUT_SECONDS = 3600
@@ -50,9 +51,14 @@ class StrictModel(BaseModel):
 class CreateSandboxRequest(StrictModel):
     template: str = Field(min_length=1, max_length=64)
     agent: str | None = Field(default=None, min_length=1, max_length=64)
-    llm_key: str | None = Field(default=None, min_length=1, max_length=4096)
+    llm_key: str | None = Field(default=None, min_length=1, max_length=4096, repr=False)  # never logged
     task: str | None = Field(default=None, max_length=MAX_TASK_BYTES)
     model: str | None = Field(default=None, min_length=1, max_length=128)
+    llm_base_url: str | None = Field(
+        default=None, min_length=1, max_length=MAX_LLM_BASE_URL_CHARS,
+        description="http(s) endpoint of the LLM provider (a gateway or proxy); default: the operator's "
+        "setting, else the provider's public URL",
+    )
     idle_timeout_seconds: int = Field(default=DEFAULT_IDLE_TIMEOUT_SECONDS, gt=0, le=MAX_LIFETIME_CAP_SECONDS)
     max_lifetime_seconds: int = Field(default=MAX_LIFETIME_CAP_SECONDS, gt=0, le=MAX_LIFETIME_CAP_SECONDS)
     env_vars: dict[str, str] = Field(default_factory=dict)
@@ -78,6 +84,37 @@ class CreateSandboxRequest(StrictModel):
         if total > MAX_ENV_TOTAL_BYTES:
             raise _error("env_vars_too_large", f"over {MAX_ENV_TOTAL_BYTES} bytes in all")
         return env
+
+    @field_validator("task")
+    @classmethod
+    def _check_task(cls, task: str | None) -> str | None:
+        if task is not None:
+            if len(task.encode("utf-8", "surrogatepass")) > MAX_TASK_BYTES:
+                raise _error("task_too_large", f"over {MAX_TASK_BYTES} bytes (UTF-8)")
+            if "\0" in task:
+                raise _error("invalid_value", "contains a NUL character")
+            if not task.strip():
+                raise _error("invalid_value", "must not be empty")
+        return task
+
+    @field_validator("llm_base_url")
+    @classmethod
+    def _check_llm_base_url(cls, url: str | None) -> str | None:
+        if url is None:
+            return url
+        from urllib.parse import urlsplit
+
+        # the message never repeats the URL: it may carry credentials
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 -- raises ValueError on a bad port
+        except ValueError:
+            raise _error("invalid_url", "not a valid URL") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise _error("invalid_url", "must be an http:// or https:// URL with a host")
+        if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
+            raise _error("invalid_url", "must not contain whitespace or control characters")
+        return url
 
     @field_validator("metadata")
     @classmethod

@@ -55,6 +55,13 @@ def serve(
     worker_vcpus: Annotated[Optional[float], typer.Option(help="CPUs the local worker offers [all]")] = None,
     worker_memory_mib: Annotated[Optional[int], typer.Option(help="Memory the local worker offers [90%]")] = None,
     reaper_interval: Annotated[Optional[float], typer.Option(help="Seconds between reaper passes")] = None,
+    anthropic_base_url: Annotated[
+        Optional[str],
+        typer.Option(envvar="SANDBOXD_ANTHROPIC_BASE_URL", help="Anthropic endpoint for agents [public API]"),
+    ] = None,
+    openai_base_url: Annotated[
+        Optional[str], typer.Option(envvar="SANDBOXD_OPENAI_BASE_URL", help="OpenAI endpoint for agents [public API]")
+    ] = None,
 ) -> None:
     """Run the API (control plane) with an in-process local worker."""
     import uvicorn
@@ -74,6 +81,8 @@ def serve(
         worker_vcpus=worker_vcpus,
         worker_memory_mib=worker_memory_mib,
         reaper_interval_seconds=reaper_interval,
+        anthropic_base_url=anthropic_base_url,
+        openai_base_url=openai_base_url,
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per guest-agent call is noise

@@ -13,7 +13,14 @@ from sandboxd.client._async import AsyncSandbox, AsyncSandboxd
 from sandboxd.client._core import ExecResult, SandboxInfo
 from sandboxd.client._sync import Sandbox, Sandboxd
 from sandboxd.errors import (
-    BadRequest, Conflict, NoCapacity, NotFound, NotImplementedYet, NoWorkers, SandboxdError, Unauthorized,
+    BadRequest,
+    Conflict,
+    NoCapacity,
+    NotFound,
+    NotImplementedYet,
+    NoWorkers,
+    SandboxdError,
+    Unauthorized,
 )  # fmt: skip
 
 __all__ = [

@@ -8,7 +8,14 @@ from typing import Any
 import httpx
 
 from sandboxd.client._core import (
-    DEFAULT_TIMEOUT, ExecResult, SandboxInfo, create_body, exec_body, list_items, raise_for_error, settings,
+    DEFAULT_TIMEOUT,
+    ExecResult,
+    SandboxInfo,
+    create_body,
+    exec_body,
+    list_items,
+    raise_for_error,
+    settings,
 )  # fmt: skip
 
 

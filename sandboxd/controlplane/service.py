@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sandboxd import ids
+from sandboxd.agents import registry as agent_registry
 from sandboxd.api.schemas import CreateSandboxRequest, ExecRequest
 from sandboxd.config import Settings
 from sandboxd.controlplane.activity import ActivityTracker
@@ -20,13 +21,11 @@ from sandboxd.scheduler.placement import Candidate, Demand, rank_workers
 from sandboxd.store.models import Sandbox, Worker
 from sandboxd.store.repo import Store, utcnow
 from sandboxd.templates.spec import TemplateSpecError, load_builtin
-from sandboxd.worker.interface import CreateSandbox, ExecCommand, WorkerAPI
+from sandboxd.worker.interface import AgentSpec, CreateSandbox, ExecCommand, WorkerAPI
 
 log = logging.getLogger(__name__)
 
 SPEC_TEMPLATES = ("standard", "browser", "cua", "canvas")
-SPEC_AGENTS = ("deictic", "claude-code", "codex")
-AGENT_MODEL_PREFIXES = {"claude-code": ("claude",), "codex": ("gpt", "o")}
 
 
 @dataclass(frozen=True)
@@ -106,7 +105,7 @@ class SandboxService:
     # --- sandboxes --------------------------------------------------------------------
 
     async def create(self, caller: Caller, request: CreateSandboxRequest) -> Sandbox:
-        self._check_agent_fields(request)
+        agent = self._check_agent_fields(request)
         try:
             spec = load_builtin(request.template)
         except TemplateSpecError:
@@ -119,12 +118,6 @@ class SandboxService:
             raise NotImplementedYet(
                 f"template: unknown template {request.template!r}", code="unknown_template", field="template"
             ) from None
-        if request.agent is not None:
-            raise NotImplementedYet(
-                f"agent: {request.agent!r} is not yet available on this server",
-                code="agent_not_available",
-                field="agent",
-            )
 
         resources = spec.resources
         workers = [w for w in await self.store.list_workers() if w.state == "active" and w.id in self._workers]
@@ -164,6 +157,7 @@ class SandboxService:
             max_lifetime_seconds=request.max_lifetime_seconds,
             created_at=now,
             last_active_at=now,
+            agent=request.agent,  # never the llm_key, nor the task
         )
         # The record exists before the worker acts, so a crash at any point leaves something
         # the reconciler can settle (adopt or mark lost) instead of an orphan.
@@ -181,6 +175,7 @@ class SandboxService:
                         cpu_fraction=resources.cpu_fraction,
                         memory_mib=resources.memory_mib,
                         env=dict(request.env_vars),
+                        agent=agent,
                     )
                 )
             except (SandboxdError, OSError) as exc:
@@ -201,6 +196,8 @@ class SandboxService:
                 runtime=status.runtime or "oci",
                 last_active_at=utcnow(),
             )
+            if agent is not None and agent.task is not None:
+                values["agent_status"] = "running"  # the worker answers once the run has started
             if not await self.store.update_sandbox(sandbox.id, expect_state=("creating",), **values):
                 raise Conflict(f"sandbox {sandbox.id} was destroyed while it was being created", field="id")
             for key, value in values.items():
@@ -217,25 +214,24 @@ class SandboxService:
         finally:
             await self._mark_destroyed(sandbox_id, "create_failed")
 
-    def _check_agent_fields(self, request: CreateSandboxRequest) -> None:
+    def _check_agent_fields(self, request: CreateSandboxRequest) -> AgentSpec | None:
+        """The agent to start (None without one), or 400/501 for bad agent input."""
         if request.agent is None:
-            for name in ("llm_key", "task", "model"):
+            for name in ("llm_key", "task", "model", "llm_base_url"):
                 if getattr(request, name) is not None:
                     raise BadRequest(f"{name}: only allowed together with agent", code="agent_required", field=name)
-            return
+            return None
         if request.llm_key is None:
             raise BadRequest("llm_key: required when agent is set", code="missing_field", field="llm_key")
-        if request.agent not in SPEC_AGENTS:
-            raise NotImplementedYet(f"agent: unknown agent {request.agent!r}", code="unknown_agent", field="agent")
-        if request.agent == "deictic" and request.model is None:
-            raise BadRequest("model: required for the deictic agent", code="missing_field", field="model")
-        prefixes = AGENT_MODEL_PREFIXES.get(request.agent)
-        if prefixes and request.model is not None and not request.model.startswith(prefixes):
-            raise BadRequest(
-                f"model: {request.agent} models must start with {' or '.join(prefixes)!s}",
-                code="invalid_model",
-                field="model",
-            )
+        kind = agent_registry.get(request.agent)  # 501 unknown_agent / agent_not_available
+        kind.check_model(request.model)  # 400 naming `model`
+        base_url = request.llm_base_url
+        if base_url is None:
+            provider = agent_registry.provider(kind, request.model)
+            base_url = self.settings.anthropic_base_url if provider == "anthropic" else self.settings.openai_base_url
+        return AgentSpec(
+            kind=request.agent, model=request.model, llm_key=request.llm_key, task=request.task, base_url=base_url
+        )
 
     async def get(self, caller: Caller, sandbox_id: str) -> Sandbox:
         sandbox = await self.store.get_sandbox(sandbox_id) if ids.is_sandbox_id(sandbox_id) else None
@@ -281,10 +277,15 @@ class SandboxService:
         return await self._worker(sandbox.worker_id).logs(sandbox.id, since_text, limit)
 
     async def cancel(self, caller: Caller, sandbox_id: str) -> dict:
+        """Cooperative cancel: SIGINT to the agent now; the worker escalates to SIGTERM after
+        the grace period (settings.agent_cancel_grace_seconds), then SIGKILL. The run ends
+        `failed` with its exit code (the reaper records it); the sandbox stays up."""
         sandbox = await self.get_running(caller, sandbox_id)
         if sandbox.agent is None or sandbox.agent_status != "running":
-            raise Conflict(f"sandbox {sandbox_id} has no running agent to cancel", code="no_running_agent")
-        raise NotImplementedYet("agents are not yet available on this server", code="agent_not_available")
+            raise Conflict(f"sandbox {sandbox_id} has no running agent to cancel", code="no_running_agent", field="id")
+        self.activity.touch(sandbox.id)
+        await self._worker(sandbox.worker_id).cancel_agent(sandbox.id, self.settings.agent_cancel_grace_seconds)
+        return {"vm_id": sandbox.id, "cancelled": True, "reason": "user_request"}
 
     async def destroy(self, caller: Caller, sandbox_id: str) -> Sandbox:
         sandbox = await self.get(caller, sandbox_id)
@@ -332,6 +333,9 @@ class SandboxService:
             await asyncio.sleep(0.05)
 
     async def _mark_destroyed(self, sandbox_id: str, reason: str) -> None:
+        sandbox = await self.store.get_sandbox(sandbox_id)
+        if sandbox is not None and sandbox.agent_status == "running":  # it died with its sandbox
+            await self.store.update_sandbox(sandbox_id, agent_status="failed")
         await self.store.update_sandbox(
             sandbox_id,
             state="destroyed",
@@ -359,6 +363,8 @@ class SandboxService:
                 reason, retry = sandbox.destroy_reason or "user_request", True
             elif sandbox.state != "running":
                 continue
+            elif sandbox.agent_status == "running" and await self._agent_ended(sandbox):
+                continue  # it ended just now: the idle timer starts from here
             elif now - sandbox.created_at >= timedelta(seconds=sandbox.max_lifetime_seconds):
                 reason = "max_lifetime"
             elif now - sandbox.last_active_at >= timedelta(seconds=sandbox.idle_timeout_seconds):
@@ -375,6 +381,27 @@ class SandboxService:
                 log.warning("reaper could not destroy %s: %s", sandbox.id, exc.message)
         await self.store.purge_destroyed(timedelta(hours=self.settings.destroyed_retention_hours))
         return reaped
+
+    async def _agent_ended(self, sandbox: Sandbox) -> bool:
+        """Record the end of the sandbox's agent run, if it ended; the idle timer starts then."""
+        try:
+            state = await self._worker(sandbox.worker_id).agent_status(sandbox.id)
+        except SandboxdError as exc:
+            log.debug("agent status of %s unknown: %s", sandbox.id, exc.message)
+            return False
+        if state.status == "running":
+            return False
+        status = state.status or "failed"
+        now = utcnow()
+        if not await self.store.update_sandbox(
+            sandbox.id, expect_state=("running",), agent_status=status, agent_exit_code=state.exit_code,
+            last_active_at=now,
+        ):  # fmt: skip
+            return False
+        self.activity.touch(sandbox.id)
+        sandbox.agent_status, sandbox.agent_exit_code, sandbox.last_active_at = status, state.exit_code, now
+        log.info("agent %s in %s ended: %s (exit code %s)", sandbox.agent, sandbox.id, status, state.exit_code)
+        return True
 
     async def _busy(self, sandbox: Sandbox) -> bool:
         try:

@@ -200,6 +200,8 @@ class Agent:
         env = dict(BASE_ENV)
         env["HOSTNAME"] = self.hostname
         env.update(boot.get("env") or {})
+        if boot.get("path_prepend"):  # e.g. the agent CLI layer's bin dir, for exec
+            env["PATH"] = ":".join(list(boot["path_prepend"]) + [env.get("PATH") or BASE_ENV["PATH"]])
         self.base_env = env
         self.started = time.monotonic()
         self.logs = LogRing()
@@ -335,12 +337,17 @@ class Agent:
         stream = body.get("stream", False)
         if not isinstance(background, bool) or not isinstance(stream, bool):
             raise HTTPError(400, "invalid_field", "background and stream must be booleans")
+        # "agent": the worker's agent run (its output goes to the logs with source "agent")
+        log_source = body.get("log_source", "exec")
+        if log_source not in ("exec", "agent") or (log_source == "agent" and not background):
+            raise HTTPError(400, "invalid_field", "log_source must be exec, or agent for a background process")
         if background and body.get("timeout_seconds") is None:
             timeout = None  # a background process lives as long as the sandbox unless told otherwise
         if not os.path.isdir(cwd):
             raise HTTPError(400, "cwd_not_found", "cwd %s is not an existing directory" % cwd[:500])
         if background or stream:
-            proc = self.procs.start(command, cwd, env, None if timeout is None else float(timeout), user, stdin, background)
+            proc = self.procs.start(command, cwd, env, None if timeout is None else float(timeout), user, stdin, background,
+                                    log_source=log_source)
             if background:
                 return json_response(proc.status(), 201)
             return _http.Response(200, self.procs.events(proc), [("Content-Type", "application/x-ndjson")])
@@ -661,6 +668,11 @@ def read_boot(run_dir):
     for key in ("vm_id", "hostname"):
         if boot.get(key) is not None and not isinstance(boot.get(key), str):
             raise SystemExit("sandboxd-agent: boot %s must be a string" % key)
+    pre = boot.get("path_prepend") or []
+    if not isinstance(pre, list) or not all(
+        isinstance(d, str) and d.startswith("/") and ":" not in d and "\0" not in d for d in pre
+    ):
+        raise SystemExit("sandboxd-agent: boot path_prepend must be a list of absolute directories")
     return boot
 
 

@@ -155,6 +155,7 @@ class Proc:
         self.done = False
         self.t0 = time.monotonic()
         self.started_at = iso_now()
+        self.pinned = False  # the agent run: kept after exit (see ProcTable.finished)
         self.finished_at = None
         self.duration_ms = None
 
@@ -401,8 +402,11 @@ class ProcTable:
         }
 
     # -- spawning --------------------------------------------------------------------
-    def start(self, command, cwd, env, timeout, user=None, stdin_data=None, background=False):
-        """Spawn ``/bin/sh -c command`` with a pump thread; returns the Proc."""
+    def start(self, command, cwd, env, timeout, user=None, stdin_data=None, background=False, log_source="exec"):
+        """Spawn ``/bin/sh -c command`` with a pump thread; returns the Proc.
+
+        ``log_source`` "agent" marks the worker's agent run: its lines are logged with that
+        source and, once exited, it is never evicted (the worker reads its exit code)."""
         import subprocess
 
         from _agent import LineLogger, _Waiter
@@ -446,7 +450,9 @@ class ProcTable:
             self.counter += 1
             proc_id = "proc_%d" % self.counter
         proc = Proc(self, proc_id, p.pid, command, cwd, user[4] if user else "root", background, timeout, stdin_fd)
-        loggers = {out_fd: LineLogger(agent.logs, "stdout", "exec"), err_fd: LineLogger(agent.logs, "stderr", "exec")}
+        proc.pinned = log_source == "agent"
+        loggers = {out_fd: LineLogger(agent.logs, "stdout", log_source),
+                   err_fd: LineLogger(agent.logs, "stderr", log_source)}
         if background:
             with self.lock:
                 self.procs[proc.id] = proc
@@ -467,7 +473,7 @@ class ProcTable:
         return proc
 
     def finished(self, proc):
-        if not proc.background:
+        if not proc.background or proc.pinned:
             return
         with self.lock:
             self.finished_order.append(proc.id)

@@ -37,6 +37,9 @@ class LaunchSpec:
     agent_dir: Path  # host dir mounted read-write at GUEST_RUN_DIR; the agent's socket lives here
     guest_code_dir: Path  # host dir with the guest agent's code, mounted read-only at GUEST_CODE_DIR
     state_dir: Path  # per-sandbox directory the backend owns (bundle, upper/work layers, logs)
+    # more host directories mounted read-only: (host path, path inside the sandbox), e.g. the
+    # agents package and the agent CLI layer
+    extra_ro_mounts: tuple[tuple[Path, str], ...] = ()
 
 
 class Runtime(Protocol):

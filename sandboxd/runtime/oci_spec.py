@@ -10,8 +10,8 @@ with the guest agent as its init:
   capabilities = Docker's default 14 in bounding/effective/permitted (none ambient or
   inheritable), ``oomScoreAdj`` high so a host-wide OOM picks the sandbox, not the worker.
 * mounts: /proc, /dev (tmpfs) + /dev/pts + /dev/shm (size-limited) + /dev/mqueue,
-  /sys and the cgroup tree read-only, the agent's run dir (rw) and code dir (ro), and
-  generated /etc/hosts, /etc/hostname, /etc/resolv.conf.
+  /sys and the cgroup tree read-only, the agent's run dir (rw) and code dir (ro),
+  ``spec.extra_ro_mounts`` (ro: the agents package, the agent CLI layer), and generated /etc/hosts, /etc/hostname, /etc/resolv.conf.
 * maskedPaths / readonlyPaths: Docker's lists.
 * resources: memory limit = memory+swap limit (swap counted, so it cannot be dodged
   by swapping) = ``memory_mib``; CFS quota = period × vcpu × cpu_fraction; pids limit;
@@ -306,6 +306,10 @@ def build_config(
             "source": str(spec.guest_code_dir),
             "options": ["rbind", "ro", "nosuid", "nodev"],
         },
+        *(
+            {"destination": target, "type": "bind", "source": str(source), "options": ["rbind", "ro", "nosuid", "nodev"]}
+            for source, target in spec.extra_ro_mounts
+        ),
         {"destination": "/etc/hosts", "type": "bind", "source": str(hosts_file), "options": ["bind", "rw"]},
         {"destination": "/etc/hostname", "type": "bind", "source": str(hostname_file), "options": ["bind", "rw"]},
         {

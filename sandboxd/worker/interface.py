@@ -23,6 +23,24 @@ class WorkerInfo:
 
 
 @dataclass(frozen=True)
+class AgentSpec:
+    """An agent to start in a new sandbox. The llm_key travels only in memory (API ->
+    worker -> the agent process's environment): never written, logged or repr'd."""
+
+    kind: str  # "deictic" | "claude-code" | "codex"
+    model: str | None
+    llm_key: str = field(repr=False)
+    task: str | None = field(default=None, repr=False)  # None: leave the CLI ready for exec
+    base_url: str | None = None  # None: the provider's public URL
+
+
+@dataclass(frozen=True)
+class AgentState:
+    status: str | None  # "running" | "completed" | "failed"; None: no agent run in the sandbox
+    exit_code: int | None = None
+
+
+@dataclass(frozen=True)
 class CreateSandbox:
     vm_id: str
     template: str
@@ -31,6 +49,7 @@ class CreateSandbox:
     memory_mib: int
     env: dict[str, str] = field(default_factory=dict)
     runtime: str | None = None
+    agent: AgentSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +109,13 @@ class WorkerAPI(Protocol):
 
     async def port_target(self, vm_id: str, port: int) -> PortTarget:
         """Where to connect for the sandbox's port (1-65535); NotFound if the sandbox is unknown."""
+
+    # Agents (sandboxd/agents): the run started by create_sandbox.
+    async def agent_status(self, vm_id: str) -> AgentState: ...
+
+    async def cancel_agent(self, vm_id: str, grace_seconds: float) -> None:
+        """SIGINT to the agent's process group at once; SIGTERM after ``grace_seconds``,
+        SIGKILL a little later, in the background. Conflict (no_running_agent) if none runs."""
 
     # Processes and PTYs (sandboxd/controlplane/processes.py; the agent's /procs, /pty).
     async def exec_stream(self, vm_id: str, command: ExecCommand) -> EventStream:

@@ -15,13 +15,17 @@ import json
 import logging
 import os
 import secrets
+import shlex
 import shutil
 from contextlib import AsyncExitStack
 from dataclasses import asdict
 from pathlib import Path
 from typing import Awaitable, TypeVar
 
+import sandboxd.agents
 import sandboxd.guest
+from sandboxd.agents import registry as agent_registry
+from sandboxd.agents.base import GUEST_AGENTS_DIR, GUEST_CLI_DIR, CliLayer
 from sandboxd.config import Settings
 from sandboxd.errors import BadRequest, Conflict, NotFound, PayloadTooLarge, SandboxdError, WorkerFailure
 from sandboxd.guest.client import GuestClient, GuestError, GuestUnavailable
@@ -31,13 +35,24 @@ from sandboxd.runtime.network import NetworkManager, NetworkSlot
 from sandboxd.runtime.oci import OciRuntime, default_nameservers
 from sandboxd.templates.builder import TemplateStore
 from sandboxd.templates.spec import load_builtin
-from sandboxd.worker.interface import CreateSandbox, ExecCommand, PortTarget, SandboxStatus, WorkerInfo
+from sandboxd.worker.interface import (
+    AgentSpec,
+    AgentState,
+    CreateSandbox,
+    ExecCommand,
+    PortTarget,
+    SandboxStatus,
+    WorkerInfo,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 AGENT_READY_TIMEOUT_SECONDS = 20.0
 GUEST_CODE_DIR = Path(sandboxd.guest.__file__).parent
+AGENTS_CODE_DIR = Path(sandboxd.agents.__file__).parent  # mounted at GUEST_AGENTS_DIR in every sandbox
+GUEST_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # the guest agent's BASE_ENV
+AGENT_KILL_AFTER_TERM_SECONDS = 5.0  # cancel: SIGINT, grace, SIGTERM, this long, SIGKILL
 
 
 def _memory_total_mib() -> int:
@@ -107,6 +122,8 @@ class LocalWorker:
         self.templates = TemplateStore(settings.cache_dir, mirror=settings.mirror)
         self._sandboxes: dict[str, _Sandbox] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._cli_layer_lock = asyncio.Lock()
+        self._cancels: dict[str, asyncio.Task] = {}  # vm_id -> the escalation after a cancel's SIGINT
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -119,6 +136,8 @@ class LocalWorker:
 
     async def stop(self) -> None:
         """Leave sandboxes running (a restart re-adopts them); drop host rules if none remain."""
+        for task in list(self._cancels.values()):
+            task.cancel()
         for sandbox in self._sandboxes.values():
             await sandbox.client.aclose()
         if not self._sandboxes:
@@ -194,6 +213,12 @@ class LocalWorker:
             agent_dir = sandbox_dir / "agent"
             runtime_dir = sandbox_dir / "runtime"
             token = secrets.token_urlsafe(32)
+            kind = agent_registry.get(request.agent.kind) if request.agent is not None else None
+            extra_mounts: list[tuple[Path, str]] = [(AGENTS_CODE_DIR, GUEST_AGENTS_DIR)]
+            cli_layer = None
+            if kind is not None and kind.needs_cli_layer:
+                cli_layer = await self.cli_layer()
+                extra_mounts.append((cli_layer.host_dir, GUEST_CLI_DIR))
             async with AsyncExitStack() as undo:
                 sandbox_dir.mkdir(mode=0o700)
                 undo.callback(shutil.rmtree, sandbox_dir, ignore_errors=True)
@@ -208,6 +233,8 @@ class LocalWorker:
                     "token": token,
                     "env": request.env,
                 }
+                if cli_layer is not None:  # the CLIs on PATH for exec too (the key is not in the env)
+                    boot["path_prepend"] = [cli_layer.bin_dir]
                 boot_path = agent_dir / BOOT_CONFIG_NAME
                 fd = os.open(boot_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 with os.fdopen(fd, "w") as boot_file:
@@ -227,6 +254,7 @@ class LocalWorker:
                     agent_dir=agent_dir,
                     guest_code_dir=GUEST_CODE_DIR,
                     state_dir=runtime_dir,
+                    extra_ro_mounts=tuple(extra_mounts),
                 )
                 await self.runtime.launch(launch)
                 undo.push_async_callback(self.runtime.destroy, request.vm_id, runtime_dir)
@@ -247,6 +275,8 @@ class LocalWorker:
                     "token": token,
                     "slot": asdict(slot) | {"netns_path": str(slot.netns_path)},
                 }
+                if kind is not None:  # never the llm_key or the task: only what finds the run again
+                    state["agent"] = await self._start_agent(request.vm_id, client, kind, request.agent, cli_layer)
                 _write_private_json(sandbox_dir / "state.json", state)
                 undo.pop_all()
             sandbox = _Sandbox(request.vm_id, state, client)
@@ -254,6 +284,9 @@ class LocalWorker:
             return sandbox.status()
 
     async def destroy_sandbox(self, vm_id: str) -> None:
+        escalation = self._cancels.pop(vm_id, None)
+        if escalation is not None:
+            escalation.cancel()
         async with self._lock(vm_id):
             sandbox = self._sandboxes.pop(vm_id, None)
             if sandbox is not None:
@@ -318,6 +351,119 @@ class LocalWorker:
         """The guest's veth address: the host reaches any port of it directly (the nft rules
         drop only connections the sandbox opens towards the host, not the host's replies)."""
         return PortTarget(host=self._get(vm_id).slot.guest_ip, port=port)
+
+    # --- agents (sandboxd/agents; the run is a background process of the guest agent) ---
+
+    async def cli_layer(self) -> CliLayer:
+        """The shared read-only layer of agent CLIs, installed on first use (once per version)."""
+        async with self._cli_layer_lock:
+            try:
+                from sandboxd.agents.clis import install_layer
+
+                return await asyncio.to_thread(install_layer, self.settings.cache_dir)
+            except Exception as exc:  # noqa: BLE001 -- any failure: the agent cannot start here
+                log.warning("installing the agent CLI layer failed: %s", exc)
+                raise WorkerFailure(
+                    f"agent: the agent CLI layer could not be installed: {str(exc)[-500:]}",
+                    code="agent_install_failed",
+                    field="agent",
+                ) from None
+
+    async def _start_agent(
+        self, vm_id: str, client: GuestClient, kind, spec: AgentSpec, cli_layer: CliLayer | None
+    ) -> dict:
+        """Start the agent's run (or, without a task, write its config files); answers what
+        state.json keeps: the kind and the run's process id, never the key or the task."""
+        try:
+            if spec.task is None:
+                files = kind.ready_files(model=spec.model, llm_key=spec.llm_key, base_url=spec.base_url)
+                for path, content in files.items():
+                    data = content.encode() if isinstance(content, str) else bytes(content)
+
+                    async def body(data=data):
+                        yield data
+
+                    params = {"path": path, "parents": "true", "mode": "0600"}
+                    await client.files_upload("/files", params, body())
+                return {"kind": kind.name, "process_id": None}
+            run = kind.run(model=spec.model, task=spec.task, llm_key=spec.llm_key, base_url=spec.base_url)
+            path = GUEST_DEFAULT_PATH if cli_layer is None else f"{cli_layer.bin_dir}:{GUEST_DEFAULT_PATH}"
+            proc = await client.proc_call("POST", "/exec", json={
+                "command": "exec " + shlex.join(run.argv),  # exec: signals reach the agent itself
+                "cwd": run.cwd,
+                "env": {"PATH": path, **run.env},  # the key lives here, in this process alone
+                "background": True,
+                "stdin": "",  # closed at once
+                "log_source": "agent",
+            })  # fmt: skip
+        except (GuestError, GuestUnavailable) as exc:
+            message = exc.message if isinstance(exc, GuestError) else str(exc)
+            raise WorkerFailure(
+                f"agent: {kind.name} could not be started in {vm_id}: {message}", code="agent_start_failed", field="agent"
+            ) from None
+        log.info("started agent %s in %s (%s)", kind.name, vm_id, proc["process_id"])
+        return {"kind": kind.name, "process_id": proc["process_id"]}
+
+    def _agent_process(self, vm_id: str) -> tuple[_Sandbox, str | None]:
+        sandbox = self._get(vm_id)
+        return sandbox, (sandbox.state.get("agent") or {}).get("process_id")
+
+    async def agent_status(self, vm_id: str) -> AgentState:
+        sandbox, process_id = self._agent_process(vm_id)
+        if process_id is None:
+            return AgentState(status=None)
+        try:
+            doc = await self._guest(vm_id, sandbox.client.proc_call("GET", "/procs/get", params={"id": process_id}))
+        except NotFound:  # cannot happen (the run is never evicted), but do not spin on it
+            return AgentState(status="failed")
+        if doc.get("state") != "exited":
+            return AgentState(status="running")
+        code = doc.get("exit_code")
+        # a cancelled run failed whatever its exit code (claude exits 0 on SIGINT)
+        ok = code == 0 and not sandbox.state["agent"].get("cancelled")
+        return AgentState(status="completed" if ok else "failed", exit_code=code)
+
+    async def cancel_agent(self, vm_id: str, grace_seconds: float) -> None:
+        sandbox, process_id = self._agent_process(vm_id)
+        no_agent = Conflict(f"sandbox {vm_id} has no running agent to cancel", code="no_running_agent", field="id")
+        if process_id is None:
+            raise no_agent
+        try:
+            await self._guest(vm_id, sandbox.client.proc_call(
+                "POST", "/procs/signal", json={"id": process_id, "signal": "SIGINT"}
+            ))  # fmt: skip
+        except (Conflict, NotFound):  # process_exited: it ended meanwhile
+            raise no_agent from None
+        if not sandbox.state["agent"].get("cancelled"):
+            sandbox.state["agent"]["cancelled"] = True  # kept across a worker restart
+            try:
+                _write_private_json(self._dir(vm_id) / "state.json", sandbox.state)
+            except OSError as exc:  # destroyed meanwhile
+                log.debug("cannot record the cancel of %s: %s", vm_id, exc)
+        if vm_id not in self._cancels:
+            task = asyncio.create_task(self._escalate_cancel(vm_id, sandbox.client, process_id, grace_seconds))
+            self._cancels[vm_id] = task
+            task.add_done_callback(lambda t: self._cancels.pop(vm_id, None) if self._cancels.get(vm_id) is t else None)
+
+    async def _escalate_cancel(self, vm_id: str, client: GuestClient, process_id: str, grace: float) -> None:
+        """After the SIGINT: SIGTERM if the run still lives after ``grace``, SIGKILL 5 s later."""
+        try:
+            for sig, wait in (("SIGTERM", grace), ("SIGKILL", AGENT_KILL_AFTER_TERM_SECONDS)):
+                deadline = asyncio.get_running_loop().time() + wait
+                while True:  # /procs/wait waits at most 300 s a call
+                    left = max(0.0, deadline - asyncio.get_running_loop().time())
+                    doc = await client.proc_call(
+                        "POST", "/procs/wait", params={"id": process_id, "timeout": min(left, 300.0)},
+                        timeout=min(left, 300.0) + 10.0,
+                    )  # fmt: skip
+                    if doc.get("state") == "exited":
+                        return
+                    if left <= 0:
+                        break
+                log.info("agent in %s outlived its cancel grace; sending %s", vm_id, sig)
+                await client.proc_call("POST", "/procs/signal", json={"id": process_id, "signal": sig})
+        except (GuestError, GuestUnavailable) as exc:  # exited meanwhile, or the sandbox is gone
+            log.debug("cancel escalation in %s ended: %s", vm_id, exc)
 
     # --- processes and PTYs (the agent's /procs and /pty; sandboxd/guest/_procs.py) -----
 
