@@ -384,19 +384,11 @@ async def pty(websocket: WebSocket, vm_id: str):
                 await websocket.send_text(json.dumps({"type": "exit", "exit_code": info.get("exit_code")}))
                 return
 
-    tasks = [asyncio.create_task(client_to_pty()), asyncio.create_task(pty_to_client())]
     try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        await _until_first_done(client_to_pty(), pty_to_client())
     finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect, RuntimeError, OSError):
-                await task
         await session.aclose()  # the agent kills the terminal's session when the connection goes
-        if websocket.client_state == WebSocketState.CONNECTED:
-            with contextlib.suppress(RuntimeError, OSError, WebSocketDisconnect):
-                await websocket.close(code=1000)
+        await _close_quietly(websocket)
 
 
 # --- exec over a WebSocket -------------------------------------------------------------------
@@ -448,7 +440,15 @@ async def exec_websocket(websocket: WebSocket, vm_id: str):
         while (await websocket.receive())["type"] != "websocket.disconnect":
             pass
 
-    tasks = [asyncio.create_task(forward()), asyncio.create_task(watch())]
+    try:
+        await _until_first_done(forward(), watch())
+    finally:
+        await _close_quietly(websocket)
+
+
+async def _until_first_done(*coroutines) -> None:
+    """Run the coroutines until one of them ends; cancel and reap the others."""
+    tasks = [asyncio.create_task(coroutine) for coroutine in coroutines]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -457,6 +457,9 @@ async def exec_websocket(websocket: WebSocket, vm_id: str):
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect, RuntimeError, OSError):
                 await task
-        if websocket.client_state == WebSocketState.CONNECTED:
-            with contextlib.suppress(RuntimeError, OSError, WebSocketDisconnect):
-                await websocket.close(code=1000)
+
+
+async def _close_quietly(websocket: WebSocket) -> None:
+    if websocket.client_state == WebSocketState.CONNECTED:
+        with contextlib.suppress(RuntimeError, OSError, WebSocketDisconnect):
+            await websocket.close(code=1000)

@@ -200,26 +200,31 @@ class GuestClient:
     async def proc_stream(self, method: str, path: str, *, params: dict | None = None, json: dict | None = None) -> "GuestEvents":
         """Opens an NDJSON event stream (streaming exec, following output); an error answer
         raises GuestError before any event. The caller must ``aclose()`` it."""
-        request = self._client().build_request(method, path, params=params, json=json, timeout=PROC_STREAM_TIMEOUT)
+        return GuestEvents(await self._open(method, path, params=params, json=json, timeout=PROC_STREAM_TIMEOUT))
+
+    async def _open(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """Send a request and return its response unread (streaming); an error answer
+        raises GuestError (or GuestUnavailable) before the caller sees any of the body."""
+        request = self._client().build_request(method, path, **kwargs)
         try:
             resp = await self._client().send(request, stream=True)
         except httpx.TransportError as e:
             raise GuestUnavailable(f"guest agent at {self.target} unreachable: {type(e).__name__}: {e}") from e
-        if resp.status_code >= 400:
-            try:
-                raw = await resp.aread()
-            except httpx.TransportError:
-                raw = b""
-            finally:
-                await resp.aclose()
-            try:
-                err = resp.json().get("error")
-            except (ValueError, AttributeError):
-                err = None
-            if isinstance(err, dict):
-                raise GuestError(resp.status_code, str(err.get("code", "error")), str(err.get("message", "")))
-            raise GuestError(resp.status_code, "http_error", raw[:500].decode("utf-8", "replace"))
-        return GuestEvents(resp)
+        if resp.status_code < 400:
+            return resp
+        try:
+            raw = await resp.aread()
+        except httpx.TransportError:
+            raw = b""
+        finally:
+            await resp.aclose()
+        try:
+            err = resp.json().get("error")
+        except (ValueError, AttributeError):
+            err = None
+        if isinstance(err, dict):
+            raise GuestError(resp.status_code, str(err.get("code", "error")), str(err.get("message", "")))
+        raise GuestError(resp.status_code, "http_error", raw[:500].decode("utf-8", "replace"))
 
     async def open_pty(self, params: dict) -> "PtyConnection":
         """Opens a PTY session: a raw connection upgraded after ``101`` (see _procs framing)."""
@@ -279,26 +284,7 @@ class GuestClient:
     async def files_open(self, path: str, params: dict) -> "GuestStream":
         """Opens a streamed answer (download, tar, watch). The caller iterates
         ``aiter_raw()`` and must ``aclose()`` it; an error answer raises GuestError."""
-        request = self._client().build_request("GET", path, params=params, timeout=FILES_STREAM_TIMEOUT)
-        try:
-            resp = await self._client().send(request, stream=True)
-        except httpx.TransportError as e:
-            raise GuestUnavailable(f"guest agent at {self.target} unreachable: {type(e).__name__}: {e}") from e
-        if resp.status_code >= 400:
-            try:
-                raw = await resp.aread()
-            except httpx.TransportError:
-                raw = b""
-            finally:
-                await resp.aclose()
-            try:
-                err = resp.json().get("error")
-            except (ValueError, AttributeError):
-                err = None
-            if isinstance(err, dict):
-                raise GuestError(resp.status_code, str(err.get("code", "error")), str(err.get("message", "")))
-            raise GuestError(resp.status_code, "http_error", raw[:500].decode("utf-8", "replace"))
-        return GuestStream(resp)
+        return GuestStream(await self._open("GET", path, params=params, timeout=FILES_STREAM_TIMEOUT))
 
 
 PROC_STREAM_TIMEOUT = httpx.Timeout(30.0, connect=10.0)  # the agent sends a heartbeat every second
