@@ -13,6 +13,7 @@ from pathlib import Path
 DEFAULT_DATA_DIR = Path("/var/lib/sandboxd")
 DEFAULT_CACHE_DIR = Path("/var/cache/sandboxd")
 DEFAULT_LISTEN = "127.0.0.1:8080"
+RUNTIMES = ("oci", "gvisor")  # isolation backends a worker may offer (README: Runtimes)
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -26,10 +27,12 @@ def parse_listen(value: str) -> tuple[str, int]:
 class Settings:
     data_dir: Path = DEFAULT_DATA_DIR
     cache_dir: Path = DEFAULT_CACHE_DIR  # template builds, shared by every data dir on the host
+    templates_dir: Path | None = None  # the operator's template files (NAME.toml), besides the builtin ones
     listen: str = DEFAULT_LISTEN
     database_url: str | None = None  # default: SQLite under data_dir
     local_worker: bool = True
-    oci_runtime: str = "crun"  # crun | runc
+    oci_runtime: str = "crun"  # crun | runc: the binary behind the `oci` runtime
+    runtime: str = "oci"  # the local worker's default runtime: oci | gvisor (RUNTIMES)
     advertise_address: str | None = None  # host in `endpoint`; default: the listen host
     # Placement: a worker may promise this many times its real CPUs; memory is never overcommitted
     # beyond memory_overcommit (1.0 = none).
@@ -70,12 +73,16 @@ class Settings:
             values["data_dir"] = Path(env["SANDBOXD_DATA_DIR"])
         if "SANDBOXD_CACHE_DIR" in env:
             values["cache_dir"] = Path(env["SANDBOXD_CACHE_DIR"])
+        if env.get("SANDBOXD_TEMPLATES_DIR"):
+            values["templates_dir"] = Path(env["SANDBOXD_TEMPLATES_DIR"])
         if "SANDBOXD_LISTEN" in env:
             values["listen"] = env["SANDBOXD_LISTEN"]
         if "SANDBOXD_DATABASE_URL" in env:
             values["database_url"] = env["SANDBOXD_DATABASE_URL"]
         if "SANDBOXD_OCI_RUNTIME" in env:
             values["oci_runtime"] = env["SANDBOXD_OCI_RUNTIME"]
+        if "SANDBOXD_RUNTIME" in env:
+            values["runtime"] = env["SANDBOXD_RUNTIME"]
         if "SANDBOXD_MIRROR" in env:
             values["mirror"] = env["SANDBOXD_MIRROR"]
         if "SANDBOXD_ANTHROPIC_BASE_URL" in env:
@@ -85,6 +92,8 @@ class Settings:
         if "SANDBOXD_AGENT_CANCEL_GRACE_SECONDS" in env:
             values["agent_cancel_grace_seconds"] = float(env["SANDBOXD_AGENT_CANCEL_GRACE_SECONDS"])
         values.update({k: v for k, v in overrides.items() if v is not None})
+        if values.get("runtime") in ("crun", "runc"):  # `--runtime crun|runc`: oci with that binary
+            values["oci_runtime"] = values.pop("runtime")
         settings = cls(**values)
         settings.validate()
         return settings
@@ -93,6 +102,8 @@ class Settings:
         parse_listen(self.listen)
         if self.oci_runtime not in ("crun", "runc"):
             raise ValueError(f"oci_runtime must be crun or runc, got {self.oci_runtime!r}")
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of oci, gvisor, crun, runc; got {self.runtime!r}")
         if self.cpu_overcommit <= 0 or self.memory_overcommit <= 0:
             raise ValueError("overcommit ratios must be positive")
         for name in ("anthropic_base_url", "openai_base_url"):

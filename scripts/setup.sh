@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(python3 python3-venv ca-certificates crun runc mmdebstrap nftables iproute2 procps psmisc util-linux e2fsprogs)
+APT_PACKAGES=(python3 python3-venv ca-certificates crun runc runsc mmdebstrap nftables iproute2 procps psmisc util-linux e2fsprogs)
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "setup.sh: run as root (sandboxd manages namespaces, cgroups and nftables)" >&2

@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 .venv/bin/sandboxd template build standard
+.venv/bin/sandboxd template build browser   # tests/test_browser.py (~1 min the first time)
 exec .venv/bin/pytest "$@"

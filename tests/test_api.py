@@ -51,7 +51,8 @@ def test_list_shows_only_own_live_sandboxes_with_user_id(alice, bob, server):
         assert listing.status_code == 200
         items = {item["vm_id"]: item for item in listing.json()}
         item = items[created["vm_id"]]
-        assert set(item) == {"vm_id", "state", "vcpu", "cpu_fraction", "memory_mib", "metadata"}
+        assert set(item) == {"vm_id", "state", "vcpu", "cpu_fraction", "memory_mib", "runtime", "metadata"}
+        assert item["runtime"] == "oci"
         assert item["metadata"]["tag"] == "prod"
         assert item["metadata"]["user_id"].startswith("usr_")
         assert created["vm_id"] not in {i["vm_id"] for i in bob.get("/v1/sandboxes").json()}
@@ -105,7 +106,6 @@ def test_create_rejects_huge_body(alice):
     "body, code, field",
     [
         ({"template": "windows"}, "unknown_template", "template"),
-        ({"template": "browser"}, "template_not_available", "template"),
         ({"template": "cua"}, "template_not_available", "template"),
         ({"template": "canvas"}, "template_not_available", "template"),
         ({"template": "standard", "agent": "gpt-engineer", "llm_key": "k"}, "unknown_agent", "agent"),

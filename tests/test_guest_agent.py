@@ -337,7 +337,8 @@ def test_concurrent_execs_and_status(agent):
         return seen, mid, res, after
 
     before = agent.call(lambda c: c.status())
-    assert before == {"running_commands": 0, "last_command_finished_at": None, "file_transfers": 0, "file_watches": 0}
+    assert before == {"running_commands": 0, "running_services": 0, "last_command_finished_at": None,
+                      "file_transfers": 0, "file_watches": 0}
     seen, mid, res, after = agent.call(go)
     assert seen == 1 and mid["running_commands"] == 1
     assert res["stdout"] == "slow\n"

@@ -48,6 +48,7 @@ def _summary(sandbox: Sandbox) -> dict:
         "vcpu": sandbox.vcpu,
         "cpu_fraction": sandbox.cpu_fraction,
         "memory_mib": sandbox.memory_mib,
+        "runtime": sandbox.runtime,
         "metadata": {**sandbox.metadata_, "user_id": sandbox.user_id},
     }
 

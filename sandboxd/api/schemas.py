@@ -54,6 +54,10 @@ class CreateSandboxRequest(StrictModel):
     llm_key: str | None = Field(default=None, min_length=1, max_length=4096, repr=False)  # never logged
     task: str | None = Field(default=None, max_length=MAX_TASK_BYTES)
     model: str | None = Field(default=None, min_length=1, max_length=128)
+    runtime: str | None = Field(
+        default=None, min_length=1, max_length=32,
+        description="isolation runtime: oci (crun/runc) or gvisor; default: the worker's default",
+    )
     llm_base_url: str | None = Field(
         default=None, min_length=1, max_length=MAX_LLM_BASE_URL_CHARS,
         description="http(s) endpoint of the LLM provider (a gateway or proxy); default: the operator's "
@@ -184,6 +188,7 @@ class SandboxSummary(BaseModel):
     vcpu: int
     cpu_fraction: float
     memory_mib: int
+    runtime: str | None = None  # oci | gvisor
     metadata: dict[str, Any]
 
 

@@ -48,7 +48,13 @@ def serve(
         Optional[str], typer.Option("--database", envvar="SANDBOXD_DATABASE_URL", help="SQLAlchemy URL")
     ] = None,
     no_local_worker: Annotated[bool, typer.Option("--no-local-worker", help="Run the control plane alone")] = False,
-    runtime: Annotated[Optional[str], typer.Option("--runtime", help="OCI runtime: crun or runc")] = None,
+    runtime: Annotated[
+        Optional[str],
+        typer.Option("--runtime", help="Default runtime: oci or gvisor (crun/runc: oci with that binary) [oci]"),
+    ] = None,
+    oci_runtime: Annotated[
+        Optional[str], typer.Option("--oci-runtime", envvar="SANDBOXD_OCI_RUNTIME", help="Binary of `oci`: crun or runc")
+    ] = None,
     advertise: Annotated[Optional[str], typer.Option(help="Host put in sandbox endpoints")] = None,
     cpu_overcommit: Annotated[Optional[float], typer.Option(help="Worker CPU overcommit ratio")] = None,
     memory_overcommit: Annotated[Optional[float], typer.Option(help="Worker memory overcommit ratio")] = None,
@@ -74,7 +80,8 @@ def serve(
         cache_dir=cache_dir,
         database_url=database,
         local_worker=False if no_local_worker else None,
-        oci_runtime=runtime,
+        oci_runtime=oci_runtime,
+        runtime=runtime,
         advertise_address=advertise,
         cpu_overcommit=cpu_overcommit,
         memory_overcommit=memory_overcommit,
@@ -105,10 +112,10 @@ def _build_template(settings: Settings, name: str, *, force: bool):
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from sandboxd.templates.builder import TemplateBuildError, TemplateStore
-    from sandboxd.templates.spec import TemplateSpecError, load_builtin
+    from sandboxd.templates.spec import TemplateSpecError, load_template
 
     try:
-        spec = load_builtin(name)
+        spec = load_template(name, settings.templates_dir)
     except TemplateSpecError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
@@ -151,12 +158,12 @@ def template_build(
 def template_list(cache_dir: CacheDir = None) -> None:
     """Templates this host knows, and their current builds."""
     from sandboxd.templates.builder import TemplateStore
-    from sandboxd.templates.spec import list_builtin
+    from sandboxd.templates.spec import list_templates
 
     settings = _settings(cache_dir=cache_dir)
     store = TemplateStore(settings.cache_dir, mirror=settings.mirror)
     table = Table("template", "image", "size MiB")
-    for name in list_builtin():
+    for name in list_templates(settings.templates_dir):
         image = store.get(name)
         table.add_row(name, image.image_name if image else "(not built)", f"{image.size_bytes / 2**20:.0f}" if image else "")
     Console().print(table)

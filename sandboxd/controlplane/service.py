@@ -20,12 +20,13 @@ from sandboxd.errors import BadRequest, Conflict, NoCapacity, NotFound, NotImple
 from sandboxd.scheduler.placement import Candidate, Demand, rank_workers
 from sandboxd.store.models import Sandbox, Worker
 from sandboxd.store.repo import Store, utcnow
-from sandboxd.templates.spec import TemplateSpecError, load_builtin
+from sandboxd.templates.spec import TemplateSpecError, load_template
 from sandboxd.worker.interface import AgentSpec, CreateSandbox, ExecCommand, WorkerAPI
 
 log = logging.getLogger(__name__)
 
-SPEC_TEMPLATES = ("standard", "browser", "cua", "canvas")
+SPEC_TEMPLATES = ("standard", "browser", "cua", "canvas")  # browser ships; cua, canvas: 501 until they land
+SERVICE_ERRORS = ("service_not_ready", "service_failed")
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ class SandboxService:
     async def create(self, caller: Caller, request: CreateSandboxRequest) -> Sandbox:
         agent = self._check_agent_fields(request)
         try:
-            spec = load_builtin(request.template)
+            spec = load_template(request.template, self.settings.templates_dir)
         except TemplateSpecError:
             if request.template in SPEC_TEMPLATES:
                 raise NotImplementedYet(
@@ -121,6 +122,13 @@ class SandboxService:
 
         resources = spec.resources
         workers = [w for w in await self.store.list_workers() if w.state == "active" and w.id in self._workers]
+        offered = sorted({runtime for w in workers for runtime in w.runtimes})
+        if request.runtime is not None and workers and request.runtime not in offered:
+            raise BadRequest(
+                f"runtime: unknown runtime {request.runtime!r}; this server offers {', '.join(offered)}",
+                code="unknown_runtime",
+                field="runtime",
+            )
         loads = await self.store.worker_loads()
         candidates = [
             Candidate(
@@ -135,7 +143,9 @@ class SandboxService:
         ]
         ranked = rank_workers(
             candidates,
-            Demand(cpu=resources.vcpu * resources.cpu_fraction, memory_mib=resources.memory_mib),
+            Demand(
+                cpu=resources.vcpu * resources.cpu_fraction, memory_mib=resources.memory_mib, runtime=request.runtime
+            ),
             cpu_overcommit=self.settings.cpu_overcommit,
             memory_overcommit=self.settings.memory_overcommit,
         )
@@ -147,7 +157,7 @@ class SandboxService:
             user_id=caller.user_id,
             worker_id=ranked[0],
             template=request.template,
-            runtime="oci",
+            runtime=request.runtime or "oci",  # the worker's answer replaces it
             state="creating",
             vcpu=resources.vcpu,
             cpu_fraction=resources.cpu_fraction,
@@ -175,6 +185,7 @@ class SandboxService:
                         cpu_fraction=resources.cpu_fraction,
                         memory_mib=resources.memory_mib,
                         env=dict(request.env_vars),
+                        runtime=request.runtime,
                         agent=agent,
                     )
                 )
@@ -204,8 +215,8 @@ class SandboxService:
                 setattr(sandbox, key, value)
             return sandbox
         await self._mark_destroyed(sandbox.id, "create_failed")
-        if isinstance(last_error, NoCapacity):
-            raise last_error
+        if isinstance(last_error, NoCapacity) or getattr(last_error, "code", None) in SERVICE_ERRORS:
+            raise last_error  # a template service that never got ready names itself
         raise WorkerFailure(f"no worker could create the sandbox: {last_error.message if last_error else ''}")
 
     async def _abandon_create(self, handle: WorkerAPI, sandbox_id: str) -> None:

@@ -226,6 +226,10 @@ class Agent:
 
         self.files = Files(self)
         self.routes.update(self.files.routes())
+        from _services import ServiceTable  # the template's services (started by main)
+
+        self.services = ServiceTable(self, boot.get("services"))
+        self.routes.update(self.services.routes())
 
     # -- HTTP application -------------------------------------------------------------
     def check(self, req):
@@ -264,6 +268,7 @@ class Agent:
             last = self.last_finished_us
         return json_response({
             "running_commands": n,
+            "running_services": self.services.running(),  # never count as commands (idleness)
             "last_command_finished_at": iso_us(last) if last is not None else None,
             **self.files.status(),
         })
@@ -673,6 +678,12 @@ def read_boot(run_dir):
         isinstance(d, str) and d.startswith("/") and ":" not in d and "\0" not in d for d in pre
     ):
         raise SystemExit("sandboxd-agent: boot path_prepend must be a list of absolute directories")
+    services = boot.get("services") or []
+    if not isinstance(services, list) or not all(
+        isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("command"), str)
+        for s in services
+    ):
+        raise SystemExit("sandboxd-agent: boot services must be a list of {name, command, ...}")
     return boot
 
 
@@ -729,6 +740,7 @@ def main(argv):
                    % (AGENT_VERSION, os.getpid(), PROTOCOL_VERSION))
     sys.stderr.write("sandboxd-agent: ready on %s\n" % where)
     sys.stderr.flush()
+    agent.services.start()
 
     import select
 
@@ -767,6 +779,7 @@ def main(argv):
             os.unlink(sock_path)
         except OSError:
             pass
+    agent.services.stop()
     agent.kill_all()
     sys.stderr.write("sandboxd-agent: stopping\n")
     sys.stderr.flush()

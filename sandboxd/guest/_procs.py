@@ -156,6 +156,7 @@ class Proc:
         self.t0 = time.monotonic()
         self.started_at = iso_now()
         self.pinned = False  # the agent run: kept after exit (see ProcTable.finished)
+        self.service = False  # a template service (or its readiness check): not a command
         self.finished_at = None
         self.duration_ms = None
 
@@ -366,9 +367,10 @@ class Proc:
                 code = os.waitstatus_to_exitcode(status)
                 if code < 0:
                     code = 128 - code
-            with agent.state_lock:
-                agent.running.pop(self.pid, None)
-                agent.last_finished_us = time.time_ns() // 1000
+            if not self.service:
+                with agent.state_lock:
+                    agent.running.pop(self.pid, None)
+                    agent.last_finished_us = time.time_ns() // 1000
             with self.cond:
                 self.exit_code = code
                 self.done = True
@@ -376,6 +378,18 @@ class Proc:
                 self.duration_ms = round((time.monotonic() - self.t0) * 1000, 3)
                 self.cond.notify_all()
             self.table.finished(self)
+
+
+class _NullLogger:
+    """Drops a stream's lines (readiness checks must not flood the log ring)."""
+
+    @staticmethod
+    def feed(data, final=False):
+        pass
+
+    @staticmethod
+    def flush():
+        pass
 
 
 def _bool(value):
@@ -444,16 +458,27 @@ class ProcTable:
         out_fd, err_fd = os.dup(p.stdout.fileno()), os.dup(p.stderr.fileno())
         p.stdout.close()
         p.stderr.close()
-        with agent.state_lock:
-            agent.running[p.pid] = p.pid
-        with self.lock:
-            self.counter += 1
-            proc_id = "proc_%d" % self.counter
+        # "service"/"quiet" (a template service, its readiness command): not a command, so
+        # not counted in running_commands and not listed in /procs (see _services.py)
+        service = log_source in ("service", "quiet")
+        if not service:
+            with agent.state_lock:
+                agent.running[p.pid] = p.pid
+        if service:  # user-visible ids stay proc_1, proc_2, ... whatever the template runs
+            proc_id = "svc_%d" % p.pid
+        else:
+            with self.lock:
+                self.counter += 1
+                proc_id = "proc_%d" % self.counter
         proc = Proc(self, proc_id, p.pid, command, cwd, user[4] if user else "root", background, timeout, stdin_fd)
         proc.pinned = log_source == "agent"
-        loggers = {out_fd: LineLogger(agent.logs, "stdout", log_source),
-                   err_fd: LineLogger(agent.logs, "stderr", log_source)}
-        if background:
+        proc.service = service
+        if log_source == "quiet":
+            loggers = {out_fd: _NullLogger, err_fd: _NullLogger}
+        else:
+            loggers = {out_fd: LineLogger(agent.logs, "stdout", log_source),
+                       err_fd: LineLogger(agent.logs, "stderr", log_source)}
+        if background and not service:
             with self.lock:
                 self.procs[proc.id] = proc
         threading.Thread(target=proc.pump, args=(out_fd, err_fd, r, waiter, loggers), daemon=True).start()
@@ -473,7 +498,7 @@ class ProcTable:
         return proc
 
     def finished(self, proc):
-        if not proc.background or proc.pinned:
+        if not proc.background or proc.pinned or proc.service:
             return
         with self.lock:
             self.finished_order.append(proc.id)

@@ -262,7 +262,7 @@ class OciRuntime:
         nameservers: list[str] | None = None,
         binary_path: str | None = None,
     ) -> None:
-        if binary not in ("crun", "runc"):
+        if binary not in ("crun", "runc", "runsc"):  # runsc: see runtime/gvisor.py
             raise ValueError(f"unsupported OCI runtime {binary!r} (crun or runc)")
         self.name = binary
         self.binary_path = binary_path or shutil.which(binary) or binary
@@ -276,8 +276,16 @@ class OciRuntime:
 
     # ---- the runtime's CLI -------------------------------------------------------
 
+    def _global_flags(self) -> list[str]:
+        """Flags put before ``--root`` on every call (runsc's platform and network)."""
+        return []
+
+    def _adjust_config(self, config: dict, spec: LaunchSpec) -> dict:
+        """Hook for a runtime that needs a different config.json (gVisor's agent transport)."""
+        return config
+
     def _argv(self, *args: str) -> list[str]:
-        return [self.binary_path, "--root", str(self.root), *args]
+        return [self.binary_path, *self._global_flags(), "--root", str(self.root), *args]
 
     async def _cli(
         self,
@@ -342,6 +350,7 @@ class OciRuntime:
             hostname.write_text(spec.hostname + "\n")
             resolv.write_text(oci_spec.render_resolv_conf(self.nameservers))
             config = oci_spec.build_config(spec, hosts_file=hosts, hostname_file=hostname, resolv_conf_file=resolv)
+            config = self._adjust_config(config, spec)
             (state_dir / "config.json").write_text(json.dumps(config))
 
             undo.push_async_callback(self._delete_container, vm_id)
@@ -359,6 +368,7 @@ class OciRuntime:
     async def _cli_run(self, log_arg: str, bundle: Path, vm_id: str, out_fd: int) -> tuple[int, bytes, bytes]:
         proc = await asyncio.create_subprocess_exec(
             self.binary_path,
+            *self._global_flags(),
             "--root",
             str(self.root),
             "--log",

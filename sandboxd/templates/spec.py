@@ -52,6 +52,7 @@ from sandboxd.runtime.base import Resources
 __all__ = [
     "TemplateSpec", "TemplateSpecError", "FileSpec", "ServiceSpec", "Readiness",
     "load_builtin", "load_file", "loads", "list_builtin", "parse_spec", "DEFAULT_RESOURCES",
+    "load_template", "list_templates",
 ]
 
 DEFAULT_RESOURCES = Resources(vcpu=1, cpu_fraction=0.5, memory_mib=512, pids_limit=1024, disk_mib=2048)
@@ -407,6 +408,34 @@ def load_builtin(name: str) -> TemplateSpec:
     if spec.name != name:
         raise TemplateSpecError(f"{path}: name {spec.name!r} does not match the file name")
     return spec
+
+
+def load_template(name: str, templates_dir: Path | str | None = None) -> TemplateSpec:
+    """The operator's template ``templates_dir/NAME.toml`` if there is one (it may replace a
+    builtin), else the builtin template ``name``."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise TemplateSpecError(f"invalid template name {name!r}")
+    if templates_dir is not None:
+        path = Path(templates_dir) / f"{name}.toml"
+        if path.is_file():
+            spec = load_file(path)
+            if spec.name != name:
+                raise TemplateSpecError(f"{path}: name {spec.name!r} does not match the file name")
+            return spec
+    return load_builtin(name)
+
+
+def list_templates(templates_dir: Path | str | None = None) -> list[str]:
+    """Builtin template names and the operator's (``templates_dir/*.toml``)."""
+    names = set(list_builtin())
+    if templates_dir is not None and Path(templates_dir).is_dir():
+        names |= {p.stem for p in Path(templates_dir).glob("*.toml") if _NAME_RE.match(p.stem)}
+    return sorted(names)
+
+
+def service_boot(spec: TemplateSpec) -> list[dict[str, Any]]:
+    """The template's services as the guest agent reads them from boot.json."""
+    return [_service_canonical(s) for s in spec.services]
 
 
 def canonical_json(spec: TemplateSpec) -> str:

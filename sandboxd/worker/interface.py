@@ -20,6 +20,8 @@ class WorkerInfo:
     runtimes: list[str]
     default_runtime: str
     templates: list[str]  # templates this worker has built and can start at once
+    # per runtime: what backs it, e.g. {"oci": {"binary": "crun"}, "gvisor": {"binary": "runsc", "platform": "ptrace"}}
+    runtime_details: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

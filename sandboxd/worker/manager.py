@@ -31,10 +31,11 @@ from sandboxd.errors import BadRequest, Conflict, NotFound, PayloadTooLarge, San
 from sandboxd.guest.client import GuestClient, GuestError, GuestUnavailable
 from sandboxd.guest.protocol import BOOT_CONFIG_NAME, PROTOCOL_VERSION, SOCKET_NAME
 from sandboxd.runtime.base import LaunchSpec, Resources
+from sandboxd.runtime.gvisor import GvisorRuntime, probe_platform, runsc_path
 from sandboxd.runtime.network import NetworkManager, NetworkSlot
 from sandboxd.runtime.oci import OciRuntime, default_nameservers
 from sandboxd.templates.builder import TemplateStore
-from sandboxd.templates.spec import load_builtin
+from sandboxd.templates.spec import load_template, service_boot
 from sandboxd.worker.interface import (
     AgentSpec,
     AgentState,
@@ -92,7 +93,7 @@ class _Sandbox:
             alive=True,
             host_port=self.state["slot"]["host_port"],
             rootfs=self.state["image_name"],
-            runtime=self.state["runtime"],
+            runtime=_runtime_key(self.state),
             running_commands=running_commands,
         )
 
@@ -111,6 +112,13 @@ class LocalWorker:
         self.runtime = OciRuntime(
             binary=settings.oci_runtime, state_root=Path("/run/sandboxd") / instance, nameservers=nameservers
         )
+        # Runtimes offered, by API name (README: Runtimes); `gvisor` joins in start() when
+        # runsc is installed and boots here.
+        self.runtimes: dict[str, OciRuntime] = {"oci": self.runtime}
+        self.default_runtime = "oci"
+        self.gvisor_platform: str | None = None
+        self._nameservers = nameservers
+        self._state_root = Path("/run/sandboxd") / instance
         # The host's resolvers often sit in a private range that sandboxes may not reach
         # otherwise; DNS must keep working inside.
         self.network = NetworkManager(
@@ -131,8 +139,39 @@ class LocalWorker:
         # The guest code is mounted read-only and run with -B; byte-compiling it here once
         # (the venv's python is Debian's, the same as the templates') saves each start ~8 ms.
         await asyncio.to_thread(compileall.compile_dir, str(GUEST_CODE_DIR), quiet=1)
+        await self._setup_gvisor()
         await self.network.setup_host()
         await self._recover()
+
+    async def _setup_gvisor(self) -> None:
+        """Offer `gvisor` when runsc is installed and a platform boots (probed once per boot)."""
+        binary = runsc_path()
+        if binary is not None:
+            self.gvisor_platform = await probe_platform(binary)
+            if self.gvisor_platform is not None:
+                self.runtimes["gvisor"] = GvisorRuntime(
+                    self._state_root, platform=self.gvisor_platform, nameservers=self._nameservers, binary_path=binary
+                )
+        if self.settings.runtime not in self.runtimes:
+            raise RuntimeError(
+                f"runtime {self.settings.runtime!r} is not available on this host "
+                f"(runsc {'found' if binary else 'not installed'}; offered: {', '.join(self.runtimes)})"
+            )
+        self.default_runtime = self.settings.runtime
+
+    def _agent_target(self, runtime: str, vm_id: str, slot: NetworkSlot) -> str:
+        """Where the worker reaches the sandbox's guest agent: its unix socket, or (gVisor)
+        TCP on the guest's veth address (runtime/gvisor.py says why)."""
+        port = getattr(self.runtimes.get(runtime), "agent_port", None)
+        if port is None:
+            return str(self._socket_path(vm_id))
+        return f"http://{slot.guest_ip}:{port}"
+
+    async def _list_running(self) -> set[str]:
+        running: set[str] = set()
+        for runtime in self.runtimes.values():
+            running |= await runtime.list_running()
+        return running
 
     async def stop(self) -> None:
         """Leave sandboxes running (a restart re-adopts them); drop host rules if none remain."""
@@ -145,7 +184,7 @@ class LocalWorker:
 
     async def _recover(self) -> None:
         """Re-adopt sandboxes that survived a restart; clean up the ones that did not."""
-        running = await self.runtime.list_running()
+        running = await self._list_running()
         for state_path in sorted(self.sandboxes_dir.glob("sbx_*/state.json")):
             vm_id = state_path.parent.name
             try:
@@ -154,7 +193,11 @@ class LocalWorker:
                 log.warning("unreadable state for %s; cleaning it up", vm_id)
                 await self._teardown(vm_id, None)
                 continue
-            client = GuestClient(str(self._socket_path(vm_id)), state["token"])
+            runtime = _runtime_key(state)
+            if runtime in self.runtimes and "slot" in state:
+                client = GuestClient(self._agent_target(runtime, vm_id, _slot_from_state(state)), state["token"])
+            else:
+                client = GuestClient(str(self._socket_path(vm_id)), state["token"])
             if vm_id in running:
                 try:
                     await client.wait_ready(timeout=3.0)
@@ -170,7 +213,8 @@ class LocalWorker:
             if path.name not in self._sandboxes and not (path / "state.json").exists():
                 await self._teardown(path.name, None)
         keep = set(self._sandboxes)
-        await self.runtime.reclaim(keep)
+        for runtime in self.runtimes.values():
+            await runtime.reclaim(keep)
         await self.network.reclaim(keep)
 
     # --- WorkerAPI --------------------------------------------------------------------
@@ -182,8 +226,12 @@ class LocalWorker:
             address=self.settings.advertise_address or (host if host not in ("0.0.0.0", "::") else "127.0.0.1"),
             vcpus=float(self.settings.worker_vcpus or os.cpu_count() or 1),
             memory_mib=int(self.settings.worker_memory_mib or _memory_total_mib() * 0.9),
-            runtimes=[self.runtime.name],
-            default_runtime=self.runtime.name,
+            runtimes=list(self.runtimes),
+            default_runtime=self.default_runtime,
+            runtime_details={
+                name: {"binary": rt.name, **({"platform": rt.platform} if isinstance(rt, GvisorRuntime) else {})}
+                for name, rt in self.runtimes.items()
+            },
             templates=[name for name in ("standard", "browser", "cua", "canvas") if self.templates.get(name)],
         )
 
@@ -198,7 +246,7 @@ class LocalWorker:
 
     async def ensure_template(self, name: str, progress=None):
         image = self.templates.get(name)
-        spec = load_builtin(name)
+        spec = load_template(name, self.settings.templates_dir)
         if image is None or image.digest != self.templates.digest(spec):
             image = await asyncio.to_thread(self.templates.build, spec, progress=progress)
         return image
@@ -208,7 +256,7 @@ class LocalWorker:
             if request.vm_id in self._sandboxes:
                 return self._sandboxes[request.vm_id].status()
             image = await self.ensure_template(request.template)
-            spec = load_builtin(request.template)
+            spec = load_template(request.template, self.settings.templates_dir)
             sandbox_dir = self._dir(request.vm_id)
             agent_dir = sandbox_dir / "agent"
             runtime_dir = sandbox_dir / "runtime"
@@ -231,8 +279,10 @@ class LocalWorker:
                     "vm_id": request.vm_id,
                     "hostname": request.vm_id,
                     "token": token,
-                    "env": request.env,
+                    "env": {**spec.env, **request.env},
                 }
+                if spec.services:  # started and supervised by the guest agent (guest/_services.py)
+                    boot["services"] = service_boot(spec)
                 if cli_layer is not None:  # the CLIs on PATH for exec too (the key is not in the env)
                     boot["path_prepend"] = [cli_layer.bin_dir]
                 boot_path = agent_dir / BOOT_CONFIG_NAME
@@ -256,9 +306,17 @@ class LocalWorker:
                     state_dir=runtime_dir,
                     extra_ro_mounts=tuple(extra_mounts),
                 )
-                await self.runtime.launch(launch)
-                undo.push_async_callback(self.runtime.destroy, request.vm_id, runtime_dir)
-                client = GuestClient(str(self._socket_path(request.vm_id)), token)
+                runtime_name = request.runtime or self.default_runtime
+                runtime = self.runtimes.get(runtime_name)
+                if runtime is None:
+                    raise BadRequest(
+                        f"runtime: unknown runtime {runtime_name!r}; this worker offers {', '.join(self.runtimes)}",
+                        code="unknown_runtime",
+                        field="runtime",
+                    )
+                await runtime.launch(launch)
+                undo.push_async_callback(runtime.destroy, request.vm_id, runtime_dir)
+                client = GuestClient(self._agent_target(runtime_name, request.vm_id, slot), token)
                 undo.push_async_callback(client.aclose)
                 try:
                     await client.wait_ready(timeout=AGENT_READY_TIMEOUT_SECONDS)
@@ -266,12 +324,15 @@ class LocalWorker:
                     init_log = runtime_dir / "init.log"
                     tail = init_log.read_text(errors="replace")[-2000:] if init_log.exists() else ""
                     raise WorkerFailure(f"guest agent did not start: {exc}; {tail}", code="sandbox_boot_failed")
+                if spec.services:
+                    await self._wait_services(request.vm_id, client, spec)
                 state = {
                     "vm_id": request.vm_id,
                     "template": request.template,
                     "image_name": image.image_name,
                     "digest": image.digest,
-                    "runtime": self.runtime.name,
+                    "runtime": runtime_name,  # oci | gvisor
+                    "oci_binary": runtime.name,  # crun | runc | runsc
                     "token": token,
                     "slot": asdict(slot) | {"netns_path": str(slot.netns_path)},
                 }
@@ -282,6 +343,34 @@ class LocalWorker:
             sandbox = _Sandbox(request.vm_id, state, client)
             self._sandboxes[request.vm_id] = sandbox
             return sandbox.status()
+
+    async def _wait_services(self, vm_id: str, client: GuestClient, spec) -> None:
+        """Until every template service passes its readiness check; else the create fails
+        (504 service_not_ready, 502 service_failed) naming the service, with its last log lines."""
+        wait = max((s.readiness.timeout_seconds for s in spec.services if s.readiness), default=0.0) + 5.0
+        try:
+            doc = await client.proc_call("GET", "/services/wait", params={"timeout": wait}, timeout=wait + 10.0)
+        except (GuestError, GuestUnavailable) as exc:
+            raise WorkerFailure(f"template services of {vm_id} could not be checked: {exc}", code="service_failed")
+        if doc.get("ready"):
+            return
+        states = {s["name"]: s for s in doc.get("services", [])}
+        name = doc.get("failed") or next((n for n, s in states.items() if not s.get("ready")), "?")
+        svc = states.get(name, {})
+        try:
+            logs = await client.logs(since=None, limit=200)
+            tail = [e["text"] for e in logs.get("entries", []) if e.get("source") == "service"][-8:]
+        except (GuestError, GuestUnavailable):
+            tail = []
+        error_text = svc.get("error") or f"not ready after {wait:g}s"
+        exited = svc.get("state") in ("exited", "failed") and "exited" in error_text
+        message = f"template: service {name!r} of template {spec.name!r} {error_text}"
+        if tail:
+            message += "; last lines: " + " | ".join(tail)[-1500:]
+        error = WorkerFailure(message, code="service_failed" if exited else "service_not_ready", field="template")
+        if not exited:
+            error.status = 504
+        raise error
 
     async def destroy_sandbox(self, vm_id: str) -> None:
         escalation = self._cancels.pop(vm_id, None)
@@ -298,7 +387,14 @@ class LocalWorker:
 
     async def _teardown(self, vm_id: str, slot: NetworkSlot | None) -> None:
         sandbox_dir = self._dir(vm_id)
-        await self.runtime.destroy(vm_id, sandbox_dir / "runtime")
+        # every runtime's destroy is idempotent and cheap when it does not own vm_id; the
+        # sandbox's own runtime goes first (it may be unknown: unreadable state)
+        try:
+            first = _runtime_key(json.loads((sandbox_dir / "state.json").read_text()))
+        except (OSError, ValueError, AttributeError):
+            first = self.default_runtime
+        for name in sorted(self.runtimes, key=lambda n: n != first):
+            await self.runtimes[name].destroy(vm_id, sandbox_dir / "runtime")
         if slot is not None:  # without one (unreadable state), start-up's network.reclaim sweeps it
             await self.network.release(slot)
         await asyncio.to_thread(shutil.rmtree, sandbox_dir, True)
@@ -318,7 +414,7 @@ class LocalWorker:
         return sandbox.status(running_commands=int(status.get("running_commands", 0)))
 
     async def list_sandboxes(self) -> list[SandboxStatus]:
-        running = await self.runtime.list_running()
+        running = await self._list_running()
         return [
             sandbox.status() if vm_id in running else SandboxStatus(vm_id=vm_id, alive=False)
             for vm_id, sandbox in list(self._sandboxes.items())
@@ -518,6 +614,12 @@ def _guest_error(exc: GuestError) -> SandboxdError:
     error = _ERROR_BY_STATUS.get(exc.status, BadRequest)(message, code=exc.code, field=field)
     error.status = exc.status  # also 403 permission_denied and the like
     return error
+
+
+def _runtime_key(state: dict) -> str:
+    """The API name of a sandbox's runtime (state.json before runtimes had names said crun/runc)."""
+    runtime = state.get("runtime", "oci")
+    return "oci" if runtime in ("crun", "runc") else runtime
 
 
 def _slot_from_state(state: dict) -> NetworkSlot:
