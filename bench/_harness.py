@@ -124,3 +124,25 @@ class BareCrun:
 
     def close(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def bare_lifecycle(bare, sequential: int, execs: int) -> dict:
+    """create / exec `true` / destroy timings of a bare runtime peer (BareCrun or alike)."""
+    create, destroy, exec_true = [], [], []
+    try:
+        for index in range(sequential):
+            name = f"bare{index:06d}"  # fixed width: runsc matches IDs by prefix
+            start = time.perf_counter()
+            bare.create(name)
+            create.append(time.perf_counter() - start)
+            if not exec_true:
+                for _ in range(execs):
+                    start = time.perf_counter()
+                    bare.exec(name)
+                    exec_true.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            bare.destroy(name)
+            destroy.append(time.perf_counter() - start)
+    finally:
+        bare.close()
+    return {"create": summary(create), "exec_true": summary(exec_true), "destroy": summary(destroy)}

@@ -21,7 +21,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._harness import BareCrun, sandboxd_server, summary  # noqa: E402
+from bench._harness import BareCrun, bare_lifecycle, sandboxd_server, summary  # noqa: E402
 from sandboxd.config import DEFAULT_CACHE_DIR  # noqa: E402
 from sandboxd.templates.builder import TemplateStore  # noqa: E402
 
@@ -71,25 +71,8 @@ def bench_sandboxd(url: str, key: str, sequential: int, concurrent: int, execs: 
 
 
 def bench_crun(rootfs: Path, sequential: int, execs: int) -> dict:
-    bare = BareCrun(rootfs)
-    create, destroy, exec_true = [], [], []
-    try:
-        for index in range(sequential):
-            name = f"bare{index:06d}"
-            start = time.perf_counter()
-            bare.create(name)
-            create.append(time.perf_counter() - start)
-            if not exec_true:
-                for _ in range(execs):
-                    start = time.perf_counter()
-                    bare.exec(name)
-                    exec_true.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            bare.destroy(name)
-            destroy.append(time.perf_counter() - start)
-    finally:
-        bare.close()
-    return {"create_sequential": summary(create), "exec_true": summary(exec_true), "destroy": summary(destroy)}
+    timings = bare_lifecycle(BareCrun(rootfs), sequential, execs)
+    return {"create_sequential": timings.pop("create"), **timings}
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._harness import BareCrun, sandboxd_server, summary  # noqa: E402
+from bench._harness import BareCrun, bare_lifecycle, sandboxd_server, summary  # noqa: E402
 from sandboxd.config import DEFAULT_CACHE_DIR  # noqa: E402
 from sandboxd.runtime.gvisor import hide_proc_sys_net, probe_platform, runsc_path  # noqa: E402
 from sandboxd.templates.builder import TemplateStore  # noqa: E402
@@ -73,31 +73,6 @@ def bench_api(url: str, key: str, runtime: str, sequential: int, execs: int) -> 
     }
 
 
-def bench_bare(bare: BareCrun, sequential: int, execs: int) -> dict:
-    create, destroy, exec_true = [], [], []
-    try:
-        for index in range(sequential):
-            name = f"bare{index:06d}"  # fixed width: runsc matches IDs by prefix
-            start = time.perf_counter()
-            bare.create(name)
-            create.append(time.perf_counter() - start)
-            if not exec_true:
-                for _ in range(execs):
-                    start = time.perf_counter()
-                    bare.exec(name)
-                    exec_true.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            bare.destroy(name)
-            destroy.append(time.perf_counter() - start)
-    finally:
-        bare.close()
-    return {
-        "create": summary(create),
-        "exec_true": summary(exec_true),
-        "destroy": summary(destroy),
-    }
-
-
 def _ratios(a: dict, b: dict) -> dict:
     return {phase: round(a[phase]["p50_ms"] / b[phase]["p50_ms"], 2) for phase in a if b[phase]["p50_ms"]}
 
@@ -116,9 +91,9 @@ def main() -> None:
     with sandboxd_server() as (url, key, _pid):
         for runtime in runtimes:
             result["sandboxd"][runtime] = bench_api(url, key, runtime, args.sequential, args.execs)
-    result["bare"]["crun"] = bench_bare(BareCrun(image.rootfs), args.sequential, args.execs)
+    result["bare"]["crun"] = bare_lifecycle(BareCrun(image.rootfs), args.sequential, args.execs)
     if platform:
-        result["bare"]["runsc"] = bench_bare(BareRunsc(image.rootfs, platform), args.sequential, args.execs)
+        result["bare"]["runsc"] = bare_lifecycle(BareRunsc(image.rootfs, platform), args.sequential, args.execs)
         result["ratio_gvisor_over_oci"] = _ratios(result["sandboxd"]["gvisor"], result["sandboxd"]["oci"])
         result["ratio_gvisor_over_bare_runsc"] = _ratios(result["sandboxd"]["gvisor"], result["bare"]["runsc"])
     result["ratio_oci_over_bare_crun"] = _ratios(result["sandboxd"]["oci"], result["bare"]["crun"])

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import threading
 
 import pytest
 
@@ -49,3 +51,27 @@ def leak_check():
         return
     leaks = [leak for leak in host_leaks() if leak not in before]
     assert not leaks, "left on the host:\n" + "\n".join(leaks)
+
+
+@pytest.fixture
+def host_listener():
+    """A TCP service on every host address, as a worker or database on the host would be."""
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("0.0.0.0", 0))
+    listener.listen()
+    accepted = []
+
+    def accept():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(conn)
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield listener.getsockname()[1], accepted
+    listener.close()
+    for conn in accepted:
+        conn.close()

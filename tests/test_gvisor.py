@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import glob
 import shutil
-import socket
 import subprocess
-import threading
 
 import httpx
 import pytest
@@ -129,29 +127,6 @@ def test_memory_limit_is_configured(client, gv):
     assert int(open(f"{memory[0]}/memory.limit_in_bytes").read()) == 512 * 2**20
     total_kib = int(exec_ok(client, gv, "awk '/MemTotal/ {print $2}' /proc/meminfo")["output"])
     assert total_kib <= 512 * 1024
-
-
-@pytest.fixture
-def host_listener():
-    listener = socket.socket()
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("0.0.0.0", 0))
-    listener.listen()
-    accepted = []
-
-    def accept():
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            accepted.append(conn)
-
-    threading.Thread(target=accept, daemon=True).start()
-    yield listener.getsockname()[1], accepted
-    listener.close()
-    for conn in accepted:
-        conn.close()
 
 
 @needs_runsc

@@ -6,7 +6,6 @@ import glob
 import os
 import socket
 import subprocess
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -155,30 +154,6 @@ def test_sandboxes_cannot_reach_each_other(alice, bob, sandbox):
         assert not can_connect(alice, sandbox, guest_ip(bob, other), 9090)
     finally:
         bob.delete(f"/v1/sandboxes/{other}")
-
-
-@pytest.fixture
-def host_listener():
-    """A TCP service on every host address, as a worker or database on the host would be."""
-    listener = socket.socket()
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("0.0.0.0", 0))
-    listener.listen()
-    accepted = []
-
-    def accept():
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            accepted.append(conn)
-
-    threading.Thread(target=accept, daemon=True).start()
-    yield listener.getsockname()[1], accepted
-    listener.close()
-    for conn in accepted:
-        conn.close()
 
 
 def test_sandbox_cannot_reach_host_services(alice, sandbox, server, host_listener):
