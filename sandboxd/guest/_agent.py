@@ -14,7 +14,6 @@ logging, concurrent.futures) and ~40 ms of start-up, per sandbox. The layout:
 """
 
 import codecs
-import errno
 import json
 import os
 import signal
@@ -47,9 +46,6 @@ DEFAULT_TIMEOUT = 60.0
 MAX_TIMEOUT = 7 * 24 * 3600.0
 DEFAULT_MAX_OUTPUT = 1024 * 1024
 MAX_MAX_OUTPUT = 64 * 1024 * 1024
-DRAIN_SECONDS = 0.025  # after the main process exits, how long to wait for the pipes' EOF
-KILL_WAIT_SECONDS = 10.0  # after SIGKILL of a timed-out group, how long to wait for its leader
-READ_SIZE = 65536
 MAX_CONNECTIONS = 256
 IDLE_CONNECTION_TIMEOUT = 600.0
 
@@ -384,7 +380,7 @@ class Agent:
         return p, waiter, r
 
     def run_command(self, command, cwd, env, timeout, max_out, stdin=None, user=None):
-        import select
+        from _procs import exit_code_of, forget_child, pump_output
 
         t0 = time.monotonic()
         try:
@@ -426,79 +422,27 @@ class Agent:
         combined = []
         combined_size = 0
         truncated = False
-        timed_out = False
-        exited = False
-        open_fds = {out_fd, err_fd}
-        poller = select.poll()
-        for fd in (out_fd, err_fd, notify_r):
-            poller.register(fd, select.POLLIN)
+
+        def on_data(fd, data):
+            nonlocal combined_size, truncated
+            loggers[fd].feed(data)
+            n = len(data)
+            room = max_out - sizes[fd]
+            if room > 0:
+                chunks[fd].append(data if n <= room else data[:room])
+            if n > room:
+                truncated = True
+            sizes[fd] += n
+            room = max_out - combined_size
+            if room > 0:
+                combined.append(data if n <= room else data[:room])
+            combined_size += n
+
         # The client hanging up (the worker cancelled the call) kills the command too.
         conn = getattr(_CONN, "sock", None)
         conn_fd = conn.fileno() if conn is not None else -1
-        if conn_fd >= 0:
-            poller.register(conn_fd, select.POLLRDHUP)
-        gone = False
-        deadline = t0 + timeout
-        end_by = None  # after exit: drain deadline; after a timeout kill: give-up deadline
         try:
-            while True:
-                now = time.monotonic()
-                if exited and (not open_fds or now >= end_by):
-                    break
-                if not exited:
-                    if not timed_out and not gone and now >= deadline:
-                        timed_out = True
-                        from _procs import kill_session
-
-                        kill_session(pid)  # its group and any other group of its session
-                        end_by = now + KILL_WAIT_SECONDS
-                        continue
-                    if (timed_out or gone) and now >= end_by:
-                        break  # leader unkillable (D state?): give up waiting
-                    wait = (end_by if timed_out or gone else deadline) - now
-                else:
-                    wait = end_by - now
-                events = poller.poll(max(0, int(wait * 1000) + 1))
-                for fd, ev in events:
-                    if fd == conn_fd:
-                        poller.unregister(conn_fd)
-                        if not exited and not timed_out:
-                            from _procs import kill_session
-
-                            gone = True
-                            kill_session(pid)
-                            end_by = time.monotonic() + KILL_WAIT_SECONDS
-                        continue
-                    if fd == notify_r:
-                        os.read(notify_r, 16)
-                        poller.unregister(notify_r)
-                        exited = True
-                        end_by = time.monotonic() + DRAIN_SECONDS
-                        continue
-                    if fd not in open_fds:
-                        continue
-                    try:
-                        data = os.read(fd, READ_SIZE)
-                    except OSError as e:
-                        if e.errno in (errno.EAGAIN, errno.EINTR):
-                            continue
-                        data = b""
-                    if not data:
-                        poller.unregister(fd)
-                        open_fds.discard(fd)
-                        continue
-                    loggers[fd].feed(data)
-                    n = len(data)
-                    room = max_out - sizes[fd]
-                    if room > 0:
-                        chunks[fd].append(data if n <= room else data[:room])
-                    if n > room:
-                        truncated = True
-                    sizes[fd] += n
-                    room = max_out - combined_size
-                    if room > 0:
-                        combined.append(data if n <= room else data[:room])
-                    combined_size += n
+            timed_out, _gone = pump_output(pid, (out_fd, err_fd), notify_r, t0 + timeout, on_data, hangup_fd=conn_fd)
         finally:
             for f in (p.stdout, p.stderr):
                 try:
@@ -506,22 +450,13 @@ class Agent:
                 except OSError:
                     pass
             os.close(notify_r)
-            with self.children_lock:
-                if self.children.get(pid) is waiter:
-                    del self.children[pid]  # never exited (gave up): the reaper will discard it
-                os.close(waiter.fd)
+            forget_child(self, pid, waiter)
             for lg in loggers.values():
                 lg.flush()
             with self.state_lock:
                 self.running.pop(pid, None)
                 self.last_finished_us = time.time_ns() // 1000
-            status = waiter.status
-            if status is None:
-                exit_code = 128 + signal.SIGKILL
-            else:
-                exit_code = os.waitstatus_to_exitcode(status)
-                if exit_code < 0:
-                    exit_code = 128 - exit_code
+            exit_code = exit_code_of(waiter.status)
             p.returncode = exit_code  # Popen must never waitpid() on its own (the reaper does)
         return {
             "output": b"".join(combined).decode("utf-8", "replace"),

@@ -40,8 +40,8 @@ MAX_FINISHED = 16  # exited background processes kept for status/output reads (1
 HEARTBEAT_SECONDS = 1.0
 MAX_WAIT_SECONDS = 300.0
 STDIN_WRITE_TIMEOUT = 10.0
-DRAIN_SECONDS = 0.025
-KILL_WAIT_SECONDS = 10.0
+DRAIN_SECONDS = 0.025  # after the main process exits, how long to wait for the pipes' EOF
+KILL_WAIT_SECONDS = 10.0  # after SIGKILL of a timed-out session, how long to wait for its leader
 READ_SIZE = 65536
 
 SIGNALS = {
@@ -95,6 +95,94 @@ def kill_session(sid, sig=signal.SIGKILL):
             os.kill(pid, sig)
         except OSError:
             pass
+
+def exit_code_of(status):
+    """The shell's convention for a waitpid() status: the exit code, or 128+N for signal N
+    (128+SIGKILL when the process was given up on and never reaped)."""
+    if status is None:
+        return 128 + signal.SIGKILL
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
+
+
+def forget_child(agent, pid, waiter):
+    """Stop waiting for pid: a child that never exited is left to the reaper to discard."""
+    with agent.children_lock:
+        if agent.children.get(pid) is waiter:
+            del agent.children[pid]
+        os.close(waiter.fd)
+
+
+def pump_output(pid, fds, notify_r, deadline, on_data, on_timeout=None, hangup_fd=-1):
+    """Read a command's pipes until it has exited and they drained (DRAIN_SECONDS at most
+    after its exit). At `deadline` (monotonic; None for no limit), or when `hangup_fd`
+    reports its peer gone, kill the command's session and wait KILL_WAIT_SECONDS for it.
+    on_data(fd, bytes) gets every chunk; returns (timed_out, gone)."""
+    import select
+
+    open_fds = set(fds)
+    poller = select.poll()
+    for fd in list(open_fds) + [notify_r]:
+        poller.register(fd, select.POLLIN)
+    if hangup_fd >= 0:
+        poller.register(hangup_fd, select.POLLRDHUP)
+    timed_out = gone = exited = False
+    end_by = None  # after exit: the drain deadline; after a kill: the give-up deadline
+    while True:
+        now = time.monotonic()
+        if exited and (not open_fds or now >= end_by):
+            break
+        if not exited:
+            if deadline is not None and not timed_out and not gone and now >= deadline:
+                timed_out = True
+                if on_timeout is not None:
+                    on_timeout()
+                kill_session(pid)  # its group and any other group of its session
+                end_by = now + KILL_WAIT_SECONDS
+                continue
+            if timed_out or gone:
+                if now >= end_by:
+                    break  # leader unkillable (D state?): give up waiting
+                wait = end_by - now
+            elif deadline is not None:
+                wait = deadline - now
+            else:
+                wait = 60.0
+        else:
+            wait = end_by - now
+        try:
+            events = poller.poll(max(0, int(wait * 1000) + 1))
+        except InterruptedError:
+            continue
+        for fd, _ev in events:
+            if fd == hangup_fd:
+                poller.unregister(hangup_fd)
+                if not exited and not timed_out:
+                    gone = True
+                    kill_session(pid)
+                    end_by = time.monotonic() + KILL_WAIT_SECONDS
+                continue
+            if fd == notify_r:
+                os.read(notify_r, 16)
+                poller.unregister(notify_r)
+                exited = True
+                end_by = time.monotonic() + DRAIN_SECONDS
+                continue
+            if fd not in open_fds:
+                continue
+            try:
+                data = os.read(fd, READ_SIZE)
+            except OSError as e:
+                if e.errno in (errno.EAGAIN, errno.EINTR):
+                    continue
+                data = b""
+            if not data:
+                poller.unregister(fd)
+                open_fds.discard(fd)
+                continue
+            on_data(fd, data)
+    return timed_out, gone
+
 
 
 def resolve_user(name):
@@ -288,63 +376,20 @@ class Proc:
 
     # -- pump (one thread per process) ------------------------------------------------
     def pump(self, out_fd, err_fd, notify_r, waiter, loggers):
-        import select
-
         agent = self.table.agent
         names = {out_fd: "stdout", err_fd: "stderr"}
-        open_fds = {fd for fd in (out_fd, err_fd) if fd is not None}
-        poller = select.poll()
-        for fd in list(open_fds) + [notify_r]:
-            poller.register(fd, select.POLLIN)
+
+        def on_data(fd, data):
+            loggers[fd].feed(data)
+            self.append(names[fd], data)
+
+        def on_timeout():
+            self.timed_out = True
+
         deadline = self.t0 + self.timeout if self.timeout is not None else None
-        exited = False
-        end_by = None
+        fds = [fd for fd in (out_fd, err_fd) if fd is not None]
         try:
-            while True:
-                now = time.monotonic()
-                if exited and (not open_fds or now >= end_by):
-                    break
-                if not exited:
-                    if deadline is not None and not self.timed_out and now >= deadline:
-                        self.timed_out = True
-                        kill_session(self.pid)
-                        end_by = now + KILL_WAIT_SECONDS
-                        continue
-                    if self.timed_out and now >= end_by:
-                        break
-                    if self.timed_out:
-                        wait = end_by - now
-                    elif deadline is not None:
-                        wait = deadline - now
-                    else:
-                        wait = 60.0
-                else:
-                    wait = end_by - now
-                try:
-                    events = poller.poll(max(0, int(wait * 1000) + 1))
-                except InterruptedError:
-                    continue
-                for fd, _ev in events:
-                    if fd == notify_r:
-                        os.read(notify_r, 16)
-                        poller.unregister(notify_r)
-                        exited = True
-                        end_by = time.monotonic() + DRAIN_SECONDS
-                        continue
-                    if fd not in open_fds:
-                        continue
-                    try:
-                        data = os.read(fd, READ_SIZE)
-                    except OSError as e:
-                        if e.errno in (errno.EAGAIN, errno.EINTR):
-                            continue
-                        data = b""
-                    if not data:
-                        poller.unregister(fd)
-                        open_fds.discard(fd)
-                        continue
-                    loggers[fd].feed(data)
-                    self.append(names[fd], data)
+            pump_output(self.pid, fds, notify_r, deadline, on_data, on_timeout)
         finally:
             for fd in (out_fd, err_fd, notify_r):
                 if fd is not None:
@@ -352,21 +397,12 @@ class Proc:
                         os.close(fd)
                     except OSError:
                         pass
-            with agent.children_lock:
-                if agent.children.get(self.pid) is waiter:
-                    del agent.children[self.pid]
-                os.close(waiter.fd)
+            forget_child(agent, self.pid, waiter)
             for lg in loggers.values():
                 lg.flush()
             with self.stdin_lock:
                 self._close_stdin()
-            status = waiter.status
-            if status is None:
-                code = 128 + signal.SIGKILL
-            else:
-                code = os.waitstatus_to_exitcode(status)
-                if code < 0:
-                    code = 128 - code
+            code = exit_code_of(waiter.status)
             if not self.service:
                 with agent.state_lock:
                     agent.running.pop(self.pid, None)
@@ -720,10 +756,7 @@ class ProcTable:
                         send(FRAME_DATA, data)
                     if closed.is_set():
                         break
-                status = waiter.status
-                code = 128 + signal.SIGKILL if status is None else os.waitstatus_to_exitcode(status)
-                if code < 0:
-                    code = 128 - code
+                code = exit_code_of(waiter.status)
                 send(FRAME_EXIT, json.dumps({"exit_code": code}).encode())
             except OSError:
                 pass
@@ -779,10 +812,7 @@ class ProcTable:
             kill_session(pid)  # the client went away (or the session ended): nothing stays
             if reader is not None:
                 reader.join(KILL_WAIT_SECONDS)
-            with agent.children_lock:
-                if agent.children.get(pid) is waiter:
-                    del agent.children[pid]
-                os.close(waiter.fd)
+            forget_child(agent, pid, waiter)
             for fd in (master, notify_r):
                 try:
                     os.close(fd)
