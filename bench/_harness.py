@@ -146,3 +146,24 @@ def bare_lifecycle(bare, sequential: int, execs: int) -> dict:
     finally:
         bare.close()
     return {"create": summary(create), "exec_true": summary(exec_true), "destroy": summary(destroy)}
+
+
+def api_lifecycle(client: httpx.Client, create_body: dict, sequential: int, execs: int) -> dict:
+    """create → 201 / exec `true` / destroy timings through the API, one sandbox at a time
+    (the execs run in the first sandbox)."""
+    create, destroy, exec_true = [], [], []
+    for _ in range(sequential):
+        start = time.perf_counter()
+        response = client.post("/v1/sandboxes", json=create_body)
+        create.append(time.perf_counter() - start)
+        response.raise_for_status()
+        vm_id = response.json()["vm_id"]
+        if not exec_true:
+            for _ in range(execs):
+                start = time.perf_counter()
+                client.post(f"/v1/sandboxes/{vm_id}/exec", json={"command": "true"}).raise_for_status()
+                exec_true.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        client.delete(f"/v1/sandboxes/{vm_id}").raise_for_status()
+        destroy.append(time.perf_counter() - start)
+    return {"create": summary(create), "exec_true": summary(exec_true), "destroy": summary(destroy)}

@@ -21,7 +21,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._harness import BareCrun, bare_lifecycle, sandboxd_server, summary  # noqa: E402
+from bench._harness import BareCrun, api_lifecycle, bare_lifecycle, sandboxd_server, summary  # noqa: E402
 from sandboxd.config import DEFAULT_CACHE_DIR  # noqa: E402
 from sandboxd.templates.builder import TemplateStore  # noqa: E402
 
@@ -30,21 +30,7 @@ CREATE_BODY = {"template": "standard"}
 
 def bench_sandboxd(url: str, key: str, sequential: int, concurrent: int, execs: int) -> dict:
     client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120)
-    create, destroy, exec_true = [], [], []
-    for _ in range(sequential):
-        start = time.perf_counter()
-        response = client.post("/v1/sandboxes", json=CREATE_BODY)
-        create.append(time.perf_counter() - start)
-        response.raise_for_status()
-        vm_id = response.json()["vm_id"]
-        if not exec_true:
-            for _ in range(execs):
-                start = time.perf_counter()
-                client.post(f"/v1/sandboxes/{vm_id}/exec", json={"command": "true"}).raise_for_status()
-                exec_true.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        client.delete(f"/v1/sandboxes/{vm_id}").raise_for_status()
-        destroy.append(time.perf_counter() - start)
+    sequential_timings = api_lifecycle(client, CREATE_BODY, sequential, execs)
 
     async def concurrent_creates() -> tuple[list[float], float]:
         async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120) as ac:
@@ -63,10 +49,10 @@ def bench_sandboxd(url: str, key: str, sequential: int, concurrent: int, execs: 
 
     concurrent_latencies, wall = asyncio.run(concurrent_creates())
     return {
-        "create_sequential": summary(create),
+        "create_sequential": sequential_timings["create"],
         "create_concurrent": summary(concurrent_latencies) | {"wall_ms": round(wall * 1000, 1)},
-        "exec_true": summary(exec_true),
-        "destroy": summary(destroy),
+        "exec_true": sequential_timings["exec_true"],
+        "destroy": sequential_timings["destroy"],
     }
 
 

@@ -17,14 +17,13 @@ import asyncio
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._harness import BareCrun, bare_lifecycle, sandboxd_server, summary  # noqa: E402
+from bench._harness import BareCrun, api_lifecycle, bare_lifecycle, sandboxd_server  # noqa: E402
 from sandboxd.config import DEFAULT_CACHE_DIR  # noqa: E402
 from sandboxd.runtime.gvisor import hide_proc_sys_net, probe_platform, runsc_path  # noqa: E402
 from sandboxd.templates.builder import TemplateStore  # noqa: E402
@@ -51,26 +50,7 @@ class BareRunsc(BareCrun):
 
 def bench_api(url: str, key: str, runtime: str, sequential: int, execs: int) -> dict:
     client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120)
-    create, destroy, exec_true = [], [], []
-    for _ in range(sequential):
-        start = time.perf_counter()
-        response = client.post("/v1/sandboxes", json={"template": "standard", "runtime": runtime})
-        create.append(time.perf_counter() - start)
-        response.raise_for_status()
-        vm_id = response.json()["vm_id"]
-        if not exec_true:
-            for _ in range(execs):
-                start = time.perf_counter()
-                client.post(f"/v1/sandboxes/{vm_id}/exec", json={"command": "true"}).raise_for_status()
-                exec_true.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        client.delete(f"/v1/sandboxes/{vm_id}").raise_for_status()
-        destroy.append(time.perf_counter() - start)
-    return {
-        "create": summary(create),
-        "exec_true": summary(exec_true),
-        "destroy": summary(destroy),
-    }
+    return api_lifecycle(client, {"template": "standard", "runtime": runtime}, sequential, execs)
 
 
 def _ratios(a: dict, b: dict) -> dict:
