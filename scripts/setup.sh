@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(python3 python3-venv ca-certificates crun runc runsc mmdebstrap nftables iproute2 procps psmisc util-linux e2fsprogs)
+APT_PACKAGES=(python3 python3-venv ca-certificates curl crun runc runsc mmdebstrap nftables iproute2 procps psmisc util-linux e2fsprogs)
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "setup.sh: run as root (sandboxd manages namespaces, cgroups and nftables)" >&2
@@ -15,6 +15,9 @@ missing=()
 for package in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
 done
+# npm installs the agent CLIs (claude, codex); any Node.js with npm will do, so only bring
+# Debian's when none is on PATH (a host may already run another Node.js build).
+command -v npm >/dev/null 2>&1 || missing+=(npm)
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "setup.sh: installing ${missing[*]}"
   apt-get update -qq
