@@ -11,6 +11,7 @@ import string
 _ALPHABET = string.ascii_lowercase + string.digits
 SANDBOX_ID_RE = re.compile(r"^sbx_[a-z0-9]{8}$")
 API_KEY_PREFIX = "sbd_"
+WORKER_TOKEN_PREFIX = "swt_"
 
 
 def _random_suffix(length: int) -> str:
@@ -31,6 +32,14 @@ def new_key_id() -> str:
 
 def new_worker_id() -> str:
     return "wrk_" + _random_suffix(8)
+
+
+def new_worker_token_id() -> str:
+    return "wtk_" + _random_suffix(10)
+
+
+def new_worker_token() -> str:
+    return WORKER_TOKEN_PREFIX + secrets.token_urlsafe(32)
 
 
 def new_api_key() -> str:

@@ -4,7 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(python3 python3-venv ca-certificates curl crun runc runsc mmdebstrap nftables iproute2 procps psmisc util-linux e2fsprogs)
+APT_PACKAGES=(python3 python3-venv ca-certificates curl crun runc runsc mmdebstrap nftables iproute2 procps psmisc util-linux e2fsprogs
+  gcc libc6-dev  # gcc: the statx shim for gVisor sandboxes (sandboxd/runtime/gvisor_compat.py)
+  qemu-system-x86 linux-image-cloud-amd64 busybox-static  # the `microvm` runtime (runtime/microvm*.py)
+  postgresql)  # tests/test_multihost.py starts a private PostgreSQL 15 cluster (control planes sharing a store)
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "setup.sh: run as root (sandboxd manages namespaces, cgroups and nftables)" >&2

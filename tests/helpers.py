@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 import signal
@@ -16,6 +17,9 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+# The runtime the suite's servers default to: scripts/test.sh runs the API suite once per
+# runtime (oci, gvisor, microvm) so every backend answers the same tests.
+TEST_RUNTIME = os.environ.get("SANDBOXD_TEST_RUNTIME", "oci")
 
 
 def standard_rootfs() -> Path:
@@ -49,19 +53,24 @@ def cli(*args: str, data_dir: Path | None = None, check: bool = True) -> subproc
 class Server:
     """One `sandboxd serve` process with its own data dir, port and log file."""
 
-    def __init__(self, *extra_args: str, data_dir: Path | None = None):
+    def __init__(self, *extra_args: str, data_dir: Path | None = None, listen_host: str = "127.0.0.1",
+                 env: dict[str, str] | None = None):
         self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="sbd-", dir="/tmp"))
+        self.listen_host = listen_host  # 0.0.0.0: also reachable from workers in network namespaces
+        self.env = {**os.environ, **(env or {})}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.extra_args = list(extra_args)
+        if TEST_RUNTIME != "oci" and "--runtime" not in self.extra_args:
+            self.extra_args += ["--runtime", TEST_RUNTIME]
         self.process: subprocess.Popen | None = None
         self.log_path = self.data_dir.with_name(self.data_dir.name + ".log")
 
     def start(self, timeout: float = 180.0) -> "Server":
-        args = [sys.executable, "-m", "sandboxd", "serve", "--listen", f"127.0.0.1:{self.port}",
+        args = [sys.executable, "-m", "sandboxd", "serve", "--listen", f"{self.listen_host}:{self.port}",
                 "--data-dir", str(self.data_dir), *self.extra_args]  # fmt: skip
         log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        self.process = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=self.env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -126,6 +135,7 @@ def host_leaks() -> list[str]:
     leaks += [f"cgroup {path}" for path in glob.glob("/sys/fs/cgroup/*/*/sbx_*")]
     ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
     leaks += [f"process {line.strip()}" for line in ps.splitlines() if "/opt/sandboxd/guest/agent.py" in line]
+    leaks += [f"process {line.strip()}" for line in ps.splitlines() if "qemu-system" in line and "sbx_" in line]
     for backing in glob.glob("/sys/block/loop*/loop/backing_file"):  # writable-layer images
         try:
             with open(backing) as f:
@@ -135,6 +145,26 @@ def host_leaks() -> list[str]:
         if "/sbx_" in path and "/disk.img" in path:
             leaks.append(f"loop /dev/{backing.split('/')[3]} {path}")
     return leaks
+
+
+def guest_agent(server: Server, vm_id: str) -> httpx.Client:
+    """A client straight to the sandbox's guest agent (the worker's view of it), over its
+    unix socket or (gVisor, microVM) TCP, as state.json records."""
+    state = json.loads((server.data_dir / "sandboxes" / vm_id / "state.json").read_text())
+    target = state["guest_agent"]
+    headers = {"Authorization": f"Bearer {state['token']}"}
+    if target.startswith("http://"):
+        return httpx.Client(base_url=target, headers=headers, timeout=30)
+    return httpx.Client(transport=httpx.HTTPTransport(uds=target), base_url="http://agent", headers=headers, timeout=30)
+
+
+def kill_sandbox(vm_id: str) -> None:
+    """SIGKILL everything the sandbox runs on the host (its agent; runsc's Sentry and gofer;
+    a VMM): every runtime puts those in the sandbox's memory cgroup."""
+    procs = [int(pid) for pid in Path(f"/sys/fs/cgroup/memory/{vm_id}/cgroup.procs").read_text().split()]
+    assert procs, f"no process of {vm_id} in its cgroup"
+    for pid in procs:
+        os.kill(pid, signal.SIGKILL)
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.2):

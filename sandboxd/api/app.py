@@ -14,6 +14,7 @@ from sandboxd.api.files import router as files_router
 from sandboxd.api.processes import router as processes_router
 from sandboxd.api.proxy import router as proxy_router
 from sandboxd.api.routes import router
+from sandboxd.api.workers import router as workers_router
 from sandboxd.config import Settings
 from sandboxd.controlplane.reaper import run_reaper
 from sandboxd.controlplane.service import SandboxService
@@ -60,6 +61,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(proxy_router)  # ports and preview links
     app.include_router(files_router)
     app.include_router(processes_router)  # streaming exec, processes, PTY
+    app.include_router(workers_router)  # remote workers register and heartbeat
 
     @app.get("/healthz", tags=["service"])
     async def healthz():

@@ -1,4 +1,4 @@
-"""The `sandboxd` command: serve, keys, template."""
+"""The `sandboxd` command: serve, worker, keys, workers, template."""
 
 from __future__ import annotations
 
@@ -20,14 +20,18 @@ keys_app = typer.Typer(help="API keys (each belongs to a user, the tenant).", no
 template_app = typer.Typer(help="Template images.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(template_app, name="template")
+workers_app = typer.Typer(help="Remote workers (`sandboxd worker`) and their tokens.", no_args_is_help=True)
+workers_token_app = typer.Typer(help="Worker tokens: what a worker shows to register.", no_args_is_help=True)
+workers_app.add_typer(workers_token_app, name="token")
+app.add_typer(workers_app, name="workers")
 
 console = Console(stderr=True)
 DataDir = Annotated[
-    Optional[Path], typer.Option("--data-dir", envvar="SANDBOXD_DATA_DIR", help="State directory [/var/lib/sandboxd]")
+    Optional[Path], typer.Option("--data-dir", envvar="SANDBOXD_DATA_DIR", help="State directory (default /var/lib/sandboxd)")
 ]
 CacheDir = Annotated[
     Optional[Path],
-    typer.Option("--cache-dir", envvar="SANDBOXD_CACHE_DIR", help="Template build cache [/var/cache/sandboxd]"),
+    typer.Option("--cache-dir", envvar="SANDBOXD_CACHE_DIR", help="Template build cache (default /var/cache/sandboxd)"),
 ]
 
 
@@ -50,7 +54,7 @@ def serve(
     no_local_worker: Annotated[bool, typer.Option("--no-local-worker", help="Run the control plane alone")] = False,
     runtime: Annotated[
         Optional[str],
-        typer.Option("--runtime", help="Default runtime: oci or gvisor (crun/runc: oci with that binary) [oci]"),
+        typer.Option("--runtime", help="Default runtime: oci, gvisor or microvm (crun/runc: oci with that binary) [oci]"),
     ] = None,
     oci_runtime: Annotated[
         Optional[str], typer.Option("--oci-runtime", envvar="SANDBOXD_OCI_RUNTIME", help="Binary of `oci`: crun or runc")
@@ -106,6 +110,53 @@ def serve(
         log_level="warning",
         timeout_graceful_shutdown=10,
     )
+
+
+@app.command()
+def worker(
+    control_plane: Annotated[
+        list[str], typer.Option("--control-plane", help="Control plane URL; repeat for each control plane")
+    ],
+    token: Annotated[str, typer.Option(envvar="SANDBOXD_WORKER_TOKEN", help="Worker token (`workers token create`)")],
+    listen: Annotated[str, typer.Option(help="HOST:PORT of the worker API")] = "0.0.0.0:8081",
+    advertise: Annotated[
+        Optional[str], typer.Option(help="This host's address, as control planes and clients reach it")
+    ] = None,
+    data_dir: DataDir = None,
+    cache_dir: CacheDir = None,
+    runtime: Annotated[Optional[str], typer.Option("--runtime", help="Default runtime: oci, gvisor or microvm (default oci)")] = None,
+    oci_runtime: Annotated[
+        Optional[str], typer.Option("--oci-runtime", envvar="SANDBOXD_OCI_RUNTIME", help="Binary of `oci`: crun or runc")
+    ] = None,
+    subnet: Annotated[Optional[str], typer.Option(help="Sandbox addresses (default 10.200.0.0/16)")] = None,
+    host_port_base: Annotated[Optional[int], typer.Option(help="First host port (default 30000)")] = None,
+    vcpus: Annotated[Optional[float], typer.Option(help="CPUs offered (default all)")] = None,
+    memory_mib: Annotated[Optional[int], typer.Option(help="Memory offered (default 90% of RAM)")] = None,
+) -> None:
+    """Run a worker on this host: it registers with the control plane(s) and serves their calls."""
+    import uvicorn
+
+    from sandboxd.worker.server import create_worker_app
+
+    settings = _settings(
+        listen=listen, data_dir=data_dir, cache_dir=cache_dir, runtime=runtime, oci_runtime=oci_runtime,
+        advertise_address=advertise, subnet=subnet, host_port_base=host_port_base, worker_vcpus=vcpus,
+        worker_memory_mib=memory_mib, local_worker=False,
+    )  # fmt: skip
+    host, port = settings.listen_host_port
+    address = advertise or host
+    if address in ("0.0.0.0", "::"):
+        console.print("[red]error:[/red] --advertise is needed when listening on every address")
+        raise typer.Exit(2)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    _build_template(settings, "standard", force=False)
+    url = f"http://{address}:{port}"
+    console.print(f"sandboxd worker at [bold]{url}[/bold] for {', '.join(control_plane)}")
+    uvicorn.run(
+        create_worker_app(settings, control_plane, token, url), host=host, port=port, loop="asyncio",
+        http="httptools", log_level="warning", timeout_graceful_shutdown=10,
+    )  # fmt: skip
 
 
 def _build_template(settings: Settings, name: str, *, force: bool):
@@ -237,6 +288,86 @@ def keys_revoke(
         console.print(f"[red]error:[/red] no active key {key_id}")
         raise typer.Exit(1)
     console.print(f"revoked {key_id}")
+
+
+Database = Annotated[Optional[str], typer.Option("--database", envvar="SANDBOXD_DATABASE_URL")]
+
+
+@workers_token_app.command("create")
+def workers_token_create(
+    name: Annotated[str, typer.Option("--name", help="What the token is for, e.g. the host")] = "worker",
+    data_dir: DataDir = None,
+    database: Database = None,
+) -> None:
+    """Create a worker token and print it (shown only once; stored as a hash)."""
+    settings = _settings(data_dir=data_dir, database_url=database)
+    created = _with_store(settings, lambda store: store.create_worker_token(name.strip()[:128] or "worker"))
+    console.print(f"worker token {created.token_id} ({created.name})")
+    typer.echo(created.token)
+
+
+@workers_token_app.command("revoke")
+def workers_token_revoke(
+    token_id: Annotated[str, typer.Argument(help="Token id (wtk_…) or the token's prefix")],
+    data_dir: DataDir = None,
+    database: Database = None,
+) -> None:
+    """Revoke a worker token: its workers' heartbeats are refused, so they go down."""
+    settings = _settings(data_dir=data_dir, database_url=database)
+    if not _with_store(settings, lambda store: store.revoke_worker_token(token_id)):
+        console.print(f"[red]error:[/red] no active worker token {token_id}")
+        raise typer.Exit(1)
+    console.print(f"revoked {token_id}")
+
+
+@workers_app.command("list")
+def workers_list(
+    data_dir: DataDir = None,
+    database: Database = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line, for scripts")] = False,
+) -> None:
+    """Workers, their health, capacity and load."""
+    settings = _settings(data_dir=data_dir, database_url=database)
+
+    async def gather(store):
+        return await store.list_workers(), await store.worker_loads()
+
+    workers, loads = _with_store(settings, gather)
+    rows = []
+    for w in workers:
+        load = loads.get(w.id)
+        rows.append({
+            "worker_id": w.id, "address": w.address, "url": w.url, "state": w.state, "draining": w.draining,
+            "vcpus": w.vcpus, "memory_mib": w.memory_mib, "sandboxes": load.sandboxes if load else 0,
+            "used_vcpu": load.vcpu if load else 0.0, "used_memory_mib": load.memory_mib if load else 0,
+            "last_heartbeat_at": w.last_heartbeat_at.isoformat(),
+        })  # fmt: skip
+    if as_json:
+        for row in rows:
+            typer.echo(json.dumps(row))
+        return
+    table = Table("worker", "address", "state", "sandboxes", "CPU used/offered", "MiB used/offered", "last heartbeat")
+    for row in rows:
+        state = row["state"] + (" (draining)" if row["draining"] else "")
+        table.add_row(row["worker_id"], row["address"], state, str(row["sandboxes"]),
+                      f"{row['used_vcpu']:g}/{row['vcpus']:g}", f"{row['used_memory_mib']}/{row['memory_mib']}",
+                      row["last_heartbeat_at"])  # fmt: skip
+    Console().print(table)
+
+
+@workers_app.command("drain")
+def workers_drain(
+    worker_id: Annotated[str, typer.Argument(help="The worker (wrk_…)")],
+    undo: Annotated[bool, typer.Option("--undo", help="Take new sandboxes again")] = False,
+    data_dir: DataDir = None,
+    database: Database = None,
+) -> None:
+    """Stop placing new sandboxes on a worker; the ones it runs stay until they end."""
+    settings = _settings(data_dir=data_dir, database_url=database)
+    if not _with_store(settings, lambda store: store.set_worker_draining(worker_id, not undo)):
+        console.print(f"[red]error:[/red] no worker {worker_id}")
+        raise typer.Exit(1)
+    console.print(f"{worker_id} {'takes new sandboxes again' if undo else 'is draining'}")
 
 
 @app.command()

@@ -7,6 +7,7 @@ and maps the SandboxdError it raises to status codes in one place.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -16,17 +17,27 @@ from sandboxd.agents import registry as agent_registry
 from sandboxd.api.schemas import CreateSandboxRequest, ExecRequest
 from sandboxd.config import Settings
 from sandboxd.controlplane.activity import ActivityTracker
-from sandboxd.errors import BadRequest, Conflict, NoCapacity, NotFound, NotImplementedYet, SandboxdError, WorkerFailure
+from sandboxd.errors import (
+    BadRequest,
+    Conflict,
+    NoCapacity,
+    NotFound,
+    NotImplementedYet,
+    NoWorkers,
+    SandboxdError,
+    WorkerFailure,
+)
 from sandboxd.scheduler.placement import Candidate, Demand, rank_workers
 from sandboxd.store.models import Sandbox, Worker
-from sandboxd.store.repo import Store, utcnow
+from sandboxd.store.repo import LIVE_STATES, Store, utcnow
 from sandboxd.templates.spec import TemplateSpecError, load_template
-from sandboxd.worker.interface import AgentSpec, CreateSandbox, ExecCommand, WorkerAPI
+from sandboxd.worker.interface import AgentSpec, CreateSandbox, ExecCommand, WorkerAPI, WorkerInfo
 
 log = logging.getLogger(__name__)
 
-SPEC_TEMPLATES = ("standard", "browser", "cua", "canvas")  # browser ships; cua, canvas: 501 until they land
+SPEC_TEMPLATES = ("standard", "browser", "cua", "canvas")  # 501 template_not_available while a file is missing
 SERVICE_ERRORS = ("service_not_ready", "service_failed")
+TEARDOWN_LEASE = timedelta(seconds=30)  # a `stopping` teardown older than this is retried
 
 
 @dataclass(frozen=True)
@@ -40,19 +51,25 @@ class SandboxService:
         self.settings = settings
         self.store = store
         self.activity = ActivityTracker(store)
-        self._workers: dict[str, WorkerAPI] = {}
+        self._workers: dict[str, WorkerAPI] = {}  # the workers this control plane can call
+        self._in_process: set[str] = set()  # of those, the ones living in this process (never down)
         self._destroying: set[str] = set()  # teardowns in progress in this control plane
 
     # --- workers ----------------------------------------------------------------------
 
-    async def register_worker(self, handle: WorkerAPI) -> None:
-        """Record a worker and its capacity, then reconcile what the store says it runs."""
+    async def register_worker(
+        self, handle: WorkerAPI, *, url: str | None = None, token_id: str | None = None
+    ) -> WorkerInfo:
+        """Record a worker and its capacity, then reconcile what the store says it runs.
+
+        `url` is a remote worker's API (None: the worker lives in this process)."""
         info = await handle.info()
         now = utcnow()
         await self.store.upsert_worker(
             Worker(
                 id=info.worker_id,
                 address=info.address,
+                url=url,
                 vcpus=info.vcpus,
                 memory_mib=info.memory_mib,
                 runtimes=info.runtimes,
@@ -60,40 +77,101 @@ class SandboxService:
                 state="active",
                 registered_at=now,
                 last_heartbeat_at=now,
+                draining=False,
+                token_id=token_id,
             )
         )
+        previous = self._workers.get(info.worker_id)
         self._workers[info.worker_id] = handle
+        if url is None:
+            self._in_process.add(info.worker_id)
+        if previous is not None and previous is not handle and hasattr(previous, "aclose"):
+            await previous.aclose()  # a remote worker's earlier registration (its secret is void now)
         await self._reconcile_worker(handle)
+        return info
 
     async def unregister_worker(self, worker_id: str) -> None:
-        self._workers.pop(worker_id, None)
+        handle = self._workers.pop(worker_id, None)
+        self._in_process.discard(worker_id)
+        if handle is not None and hasattr(handle, "aclose"):
+            await handle.aclose()
         await self.store.set_worker_state(worker_id, "down")
+
+    async def _unreachable_workers(self) -> set[str]:
+        """Workers whose sandboxes this control plane cannot vouch for: down, or not
+        registered with it (yet: a worker registers again after a control-plane restart)."""
+        return {w.id for w in await self.store.list_workers() if w.state != "active" or w.id not in self._workers}
+
+    async def _reachable(self, worker_id: str | None) -> WorkerAPI | None:
+        handle = self._workers.get(worker_id or "")
+        if handle is None:
+            return None
+        worker = await self.store.get_worker(worker_id)
+        return handle if worker is not None and worker.state == "active" else None
+
+    async def check_workers(self) -> None:
+        """Heartbeat bookkeeping, run by every control plane's monitor loop (each transition
+        is conditional, so two control planes never both perform one)."""
+        now = utcnow()
+        for worker_id in self._in_process:
+            await self.store.heartbeat_worker(worker_id, now)
+        for worker_id in await self.store.mark_silent_workers_down(
+            now - timedelta(seconds=self.settings.worker_down_after_seconds)
+        ):
+            log.warning("worker %s missed its heartbeats: down; its sandboxes read `unknown`", worker_id)
+        lost_before = now - timedelta(seconds=self.settings.worker_lost_after_seconds)
+        for worker in await self.store.list_workers():
+            if worker.state != "down" or worker.last_heartbeat_at >= lost_before:
+                continue
+            for sandbox in await self.store.list_sandboxes(worker_id=worker.id):
+                if await self._mark_destroyed(sandbox.id, "lost"):
+                    log.warning("sandbox %s lost: its worker %s stayed down", sandbox.id, worker.id)
 
     async def _reconcile_worker(self, handle: WorkerAPI) -> None:
         """After a restart: adopt what still runs, finish interrupted teardowns, mark the
         rest lost, and destroy strays the store does not know."""
         running = {status.vm_id for status in await handle.list_sandboxes() if status.alive}
         records = await self.store.list_sandboxes(worker_id=handle.worker_id)
+        abandoned_before = utcnow() - timedelta(seconds=self.settings.create_timeout_seconds)
         for sandbox in records:
-            if sandbox.state == "stopping":
+            if sandbox.state == "creating":
+                if sandbox.created_at >= abandoned_before:
+                    continue  # a create in progress (maybe in another control plane)
+                await self.destroy_by_id(sandbox.id, "create_failed")
+            elif sandbox.state == "stopping":
                 if sandbox.id in running:
                     await handle.destroy_sandbox(sandbox.id)
                 await self._mark_destroyed(sandbox.id, sandbox.destroy_reason or "user_request")
             elif sandbox.id not in running:
-                await self._mark_destroyed(sandbox.id, "lost")
-                log.warning("sandbox %s was lost while the worker was away", sandbox.id)
+                if await self._mark_destroyed(sandbox.id, "lost"):
+                    log.warning("sandbox %s was lost while the worker was away", sandbox.id)
             else:
-                await self.store.update_sandbox(sandbox.id, state="running", last_active_at=utcnow())
-        for stray in running - {sandbox.id for sandbox in records}:
+                await self.store.update_sandbox(sandbox.id, expect_state=("running",), last_active_at=utcnow())
+        live_anywhere = {sandbox.id for sandbox in await self.store.list_sandboxes()}
+        for stray in running - live_anywhere:
             log.warning("destroying stray sandbox %s the store does not know", stray)
             await handle.destroy_sandbox(stray)
 
     async def sweep_dead(self) -> list[str]:
-        """Destroy (reason `lost`) sandboxes whose init died under a running worker."""
+        """Destroy (reason `lost`) sandboxes whose init died under a running worker, and
+        sandboxes a worker runs that the store no longer keeps live (a create whose answer
+        never came back, a DELETE recorded while the worker was away)."""
         lost = []
-        for handle in list(self._workers.values()):
-            for status in await handle.list_sandboxes():
-                if not status.alive and await self.destroy_by_id(status.vm_id, "lost"):
+        unreachable = await self._unreachable_workers()
+        for worker_id, handle in list(self._workers.items()):
+            if worker_id in unreachable:
+                continue
+            try:
+                statuses = await handle.list_sandboxes()
+            except SandboxdError as exc:  # a remote worker between heartbeats: the monitor decides
+                log.info("worker %s did not list its sandboxes: %s", worker_id, exc.message)
+                continue
+            live = {sandbox.id for sandbox in await self.store.list_sandboxes(worker_id=worker_id)}
+            for status in statuses:
+                if status.vm_id not in live:  # every record is written before its worker acts
+                    log.warning("destroying stray sandbox %s on %s", status.vm_id, worker_id)
+                    await handle.destroy_sandbox(status.vm_id)
+                elif not status.alive and await self.destroy_by_id(status.vm_id, "lost"):
                     lost.append(status.vm_id)
         return lost
 
@@ -121,7 +199,10 @@ class SandboxService:
             ) from None
 
         resources = spec.resources
-        workers = [w for w in await self.store.list_workers() if w.state == "active" and w.id in self._workers]
+        workers = [
+            w for w in await self.store.list_workers()
+            if w.state == "active" and not w.draining and w.id in self._workers
+        ]
         offered = sorted({runtime for w in workers for runtime in w.runtimes})
         if request.runtime is not None and workers and request.runtime not in offered:
             raise BadRequest(
@@ -141,6 +222,8 @@ class SandboxService:
             )
             for w in workers
         ]
+        if not candidates:
+            raise NoWorkers("no workers available: none registered, or every one is down or draining")
         ranked = rank_workers(
             candidates,
             Demand(
@@ -149,13 +232,13 @@ class SandboxService:
             cpu_overcommit=self.settings.cpu_overcommit,
             memory_overcommit=self.settings.memory_overcommit,
         )
-        addresses = {w.id: w.address for w in workers}
+        by_id = {w.id: w for w in workers}
 
         now = utcnow()
         sandbox = Sandbox(
             id=ids.new_sandbox_id(),
             user_id=caller.user_id,
-            worker_id=ranked[0],
+            worker_id=None,  # set by claim_capacity
             template=request.template,
             runtime=request.runtime or "oci",  # the worker's answer replaces it
             state="creating",
@@ -173,9 +256,18 @@ class SandboxService:
         # the reconciler can settle (adopt or mark lost) instead of an orphan.
         await self.store.insert_sandbox(sandbox)
         last_error: SandboxdError | None = None
+        cpu = resources.vcpu * resources.cpu_fraction
         for worker_id in ranked:
+            worker = by_id[worker_id]
+            # The ranking read loads without a lock; the claim re-checks room atomically, so two
+            # control planes (or two creates here) never overfill a worker.
+            if not await self.store.claim_capacity(
+                sandbox.id, worker_id, cpu=cpu, memory_mib=resources.memory_mib,
+                cpu_capacity=worker.vcpus * self.settings.cpu_overcommit,
+                memory_capacity=worker.memory_mib * self.settings.memory_overcommit,
+            ):  # fmt: skip
+                continue
             handle = self._workers[worker_id]
-            await self.store.update_sandbox(sandbox.id, worker_id=worker_id)
             try:
                 status = await handle.create_sandbox(
                     CreateSandbox(
@@ -192,12 +284,15 @@ class SandboxService:
             except (SandboxdError, OSError) as exc:
                 log.warning("worker %s could not create %s: %s", worker_id, sandbox.id, exc)
                 last_error = exc if isinstance(exc, SandboxdError) else WorkerFailure(str(exc))
+                # a remote worker may have got further than its answer says: leave nothing there
+                with contextlib.suppress(SandboxdError, OSError):
+                    await handle.destroy_sandbox(sandbox.id)
                 continue
             except BaseException:
                 # cancelled (client went away, shutdown): do not leave a half-made sandbox
                 await asyncio.shield(self._abandon_create(handle, sandbox.id))
                 raise
-            endpoint = f"http://{addresses[worker_id]}:{status.host_port}" if status.host_port else None
+            endpoint = f"http://{worker.address}:{status.host_port}" if status.host_port else None
             values = dict(
                 state="running",
                 worker_id=worker_id,
@@ -215,9 +310,13 @@ class SandboxService:
                 setattr(sandbox, key, value)
             return sandbox
         await self._mark_destroyed(sandbox.id, "create_failed")
+        if last_error is None:  # every claim lost: others filled the workers meanwhile
+            raise NoCapacity("no capacity on any worker for this sandbox")
         if isinstance(last_error, NoCapacity) or getattr(last_error, "code", None) in SERVICE_ERRORS:
             raise last_error  # a template service that never got ready names itself
-        raise WorkerFailure(f"no worker could create the sandbox: {last_error.message if last_error else ''}")
+        if getattr(last_error, "code", None) == "worker_unreachable":
+            raise NoWorkers(f"no worker could be reached: {last_error.message}")
+        raise WorkerFailure(f"no worker could create the sandbox: {last_error.message}")
 
     async def _abandon_create(self, handle: WorkerAPI, sandbox_id: str) -> None:
         try:
@@ -249,6 +348,8 @@ class SandboxService:
         # Another tenant's sandbox is indistinguishable from one that does not exist.
         if sandbox is None or sandbox.user_id != caller.user_id:
             raise NotFound(f"no sandbox {sandbox_id!r}", code="sandbox_not_found", field="id")
+        if sandbox.state in LIVE_STATES and sandbox.worker_id and await self._reachable(sandbox.worker_id) is None:
+            sandbox.state = "unknown"  # its worker is down: said, never stored (the record stays as it was)
         return sandbox
 
     async def get_running(self, caller: Caller, sandbox_id: str) -> Sandbox:
@@ -260,8 +361,9 @@ class SandboxService:
     async def list(self, caller: Caller) -> tuple[list[Sandbox], bool]:
         """The caller's live sandboxes, and whether the answer is partial (a worker is down)."""
         sandboxes = await self.store.list_sandboxes(user_id=caller.user_id)
-        partial = any(s.worker_id not in self._workers for s in sandboxes if s.worker_id)
-        return sandboxes, partial
+        unreachable = await self._unreachable_workers()
+        vouched = [s for s in sandboxes if s.worker_id not in unreachable]
+        return vouched, len(vouched) < len(sandboxes)
 
     async def exec(self, caller: Caller, sandbox_id: str, request: ExecRequest) -> dict:
         sandbox = await self.get_running(caller, sandbox_id)
@@ -310,9 +412,16 @@ class SandboxService:
 
         With retry, a sandbox left `stopping` by an earlier failed teardown is taken up again.
         """
-        claimable = ("stopping",) if retry else ("creating", "running")
+        # While `stopping`, destroyed_at says when the teardown began: a retry takes over only
+        # a teardown older than TEARDOWN_LEASE, so two control planes never tear down at once.
+        now = utcnow()
         claimed = await self.store.update_sandbox(
-            sandbox_id, expect_state=claimable, state="stopping", destroy_reason=reason
+            sandbox_id,
+            expect_state=("stopping",) if retry else ("creating", "running"),
+            teardown_started_before=now - TEARDOWN_LEASE if retry else None,
+            state="stopping",
+            destroy_reason=reason,
+            destroyed_at=now,
         )
         sandbox = await self.store.get_sandbox(sandbox_id)
         if sandbox is None:
@@ -321,7 +430,9 @@ class SandboxService:
             if sandbox.state == "stopping":
                 await self._wait_until_destroyed(sandbox_id)
             return False
-        handle = self._workers.get(sandbox.worker_id or "")
+        # A down worker's sandbox is recorded destroyed now; when the worker returns, its
+        # registration destroys what the store no longer knows (strays).
+        handle = await self._reachable(sandbox.worker_id)
         self._destroying.add(sandbox_id)
         try:
             if handle is not None:
@@ -343,12 +454,14 @@ class SandboxService:
                 return
             await asyncio.sleep(0.05)
 
-    async def _mark_destroyed(self, sandbox_id: str, reason: str) -> None:
+    async def _mark_destroyed(self, sandbox_id: str, reason: str) -> bool:
+        """Live -> destroyed; False if it was destroyed already (by another actor)."""
         sandbox = await self.store.get_sandbox(sandbox_id)
         if sandbox is not None and sandbox.agent_status == "running":  # it died with its sandbox
             await self.store.update_sandbox(sandbox_id, agent_status="failed")
-        await self.store.update_sandbox(
+        return await self.store.update_sandbox(
             sandbox_id,
+            expect_state=LIVE_STATES,
             state="destroyed",
             destroyed_at=utcnow(),
             destroy_reason=reason,
@@ -363,12 +476,16 @@ class SandboxService:
         await self.activity.flush()
         reaped: list[tuple[str, str]] = [(sandbox_id, "lost") for sandbox_id in await self.sweep_dead()]
         now = utcnow()
+        unreachable = await self._unreachable_workers()
+        abandoned_before = now - timedelta(seconds=self.settings.create_timeout_seconds)
         for sandbox in await self.store.list_sandboxes():
-            if sandbox.worker_id not in self._workers:
-                continue
             reason = None
             retry = False
-            if sandbox.state == "stopping":
+            if sandbox.state == "creating" and sandbox.created_at < abandoned_before:
+                reason = "create_failed"  # its control plane died mid-create
+            elif sandbox.worker_id not in self._workers or sandbox.worker_id in unreachable:
+                continue
+            elif sandbox.state == "stopping":
                 if sandbox.id in self._destroying:
                     continue
                 reason, retry = sandbox.destroy_reason or "user_request", True

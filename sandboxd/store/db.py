@@ -6,10 +6,11 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+MIGRATION_LOCK_KEY = 0x73616E64  # "sand": the PostgreSQL advisory lock that serialises migrations
 
 
 def make_engine(url: str) -> AsyncEngine:
@@ -39,6 +40,10 @@ def _upgrade(sync_connection) -> None:
 async def migrate(engine: AsyncEngine) -> None:
     """Bring the schema to the newest revision; safe to run on every start."""
     async with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            # Several control planes may start at once: the first migrates, the others wait here
+            # and then find the schema current. Released when this transaction ends.
+            await connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
         await connection.run_sync(_upgrade)
 
 

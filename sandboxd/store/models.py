@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -59,9 +59,24 @@ class Worker(Base):
     memory_mib: Mapped[int] = mapped_column(Integer)
     runtimes: Mapped[list] = mapped_column(JSON, default=list)
     templates: Mapped[list] = mapped_column(JSON, default=list)
-    state: Mapped[str] = mapped_column(String(16))  # active | draining | down
+    state: Mapped[str] = mapped_column(String(16))  # active | down (heartbeats past the grace period)
     registered_at: Mapped[datetime] = mapped_column(UTCDateTime())
     last_heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    url: Mapped[str | None] = mapped_column(String(255), nullable=True)  # its API; None: in-process
+    draining: Mapped[bool] = mapped_column(Boolean, default=False)  # the operator's: no new sandboxes
+    token_id: Mapped[str | None] = mapped_column(String(32), nullable=True)  # the token it registered with
+
+
+class WorkerToken(Base):
+    """What a remote worker shows to register and heartbeat; stored only as a SHA-256 hash."""
+
+    __tablename__ = "worker_tokens"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
 class Sandbox(Base):

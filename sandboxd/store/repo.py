@@ -10,7 +10,7 @@ from sqlalchemy.exc import IntegrityError
 
 from sandboxd import ids
 from sandboxd.store.db import make_engine, migrate, sessionmaker
-from sandboxd.store.models import ApiKey, Sandbox, SandboxAccessToken, User, Worker
+from sandboxd.store.models import ApiKey, Sandbox, SandboxAccessToken, User, Worker, WorkerToken
 
 LIVE_STATES = ("creating", "running", "stopping")
 
@@ -25,6 +25,14 @@ class CreatedKey:
     key_id: str
     user_id: str
     user_name: str
+    prefix: str
+
+
+@dataclass(frozen=True)
+class CreatedWorkerToken:
+    token: str  # shown once, never stored
+    token_id: str
+    name: str
     prefix: str
 
 
@@ -109,9 +117,27 @@ class Store:
     # --- workers ----------------------------------------------------------------------
 
     async def upsert_worker(self, worker: Worker) -> None:
+        """Insert or refresh a worker's row; the operator's `draining` flag survives re-registration."""
+        fields = ("address", "url", "vcpus", "memory_mib", "runtimes", "templates", "state", "registered_at",
+                  "last_heartbeat_at", "token_id")  # fmt: skip
+        for _attempt in range(2):
+            async with self._session() as session:
+                row = await session.get(Worker, worker.id)
+                if row is None:
+                    session.add(worker)
+                else:
+                    for name in fields:
+                        setattr(row, name, getattr(worker, name))
+                try:
+                    await session.commit()
+                    return
+                except IntegrityError:  # registered at the same moment through another control plane
+                    await session.rollback()
+        raise RuntimeError(f"could not record worker {worker.id}")
+
+    async def get_worker(self, worker_id: str) -> Worker | None:
         async with self._session() as session:
-            await session.merge(worker)
-            await session.commit()
+            return await session.get(Worker, worker_id)
 
     async def list_workers(self) -> list[Worker]:
         async with self._session() as session:
@@ -121,6 +147,119 @@ class Store:
         async with self._session() as session:
             await session.execute(update(Worker).where(Worker.id == worker_id).values(state=state))
             await session.commit()
+
+    async def set_worker_draining(self, worker_id: str, draining: bool) -> int:
+        async with self._session() as session:
+            result = await session.execute(update(Worker).where(Worker.id == worker_id).values(draining=draining))
+            await session.commit()
+            return result.rowcount
+
+    async def heartbeat_worker(self, worker_id: str, at: datetime | None = None) -> bool:
+        """Record a heartbeat of an `active` worker; False if it is down or unknown (it must
+        register again, which reconciles its sandboxes)."""
+        async with self._session() as session:
+            result = await session.execute(
+                update(Worker)
+                .where(Worker.id == worker_id, Worker.state == "active")
+                .values(last_heartbeat_at=at or utcnow())
+            )
+            await session.commit()
+            return result.rowcount == 1
+
+    async def mark_silent_workers_down(self, silent_since: datetime) -> list[str]:
+        """active -> down for remote workers without a heartbeat since `silent_since` (conditional:
+        with several control planes, each transition happens once). An in-process worker
+        (no url) lives and dies with its control plane."""
+        async with self._session() as session:
+            candidates = list(await session.scalars(select(Worker.id).where(
+                Worker.state == "active", Worker.url.is_not(None), Worker.last_heartbeat_at < silent_since
+            )))  # fmt: skip
+            down = []
+            for worker_id in candidates:
+                result = await session.execute(
+                    update(Worker)
+                    .where(Worker.id == worker_id, Worker.state == "active", Worker.last_heartbeat_at < silent_since)
+                    .values(state="down")
+                )
+                if result.rowcount == 1:
+                    down.append(worker_id)
+            await session.commit()
+            return down
+
+    async def claim_capacity(
+        self, sandbox_id: str, worker_id: str, *, cpu: float, memory_mib: int, cpu_capacity: float,
+        memory_capacity: float,
+    ) -> bool:
+        """Place a `creating` sandbox on a worker if the worker is active, not draining and has
+        room. Atomic across control planes: the first statement locks the worker's row
+        (PostgreSQL) or takes SQLite's write lock, so the load read next cannot change before
+        the placement commits."""
+        async with self._session() as session:
+            locked = await session.execute(
+                update(Worker)
+                .where(Worker.id == worker_id, Worker.state == "active", Worker.draining.is_(False))
+                .values(last_heartbeat_at=Worker.last_heartbeat_at)
+            )
+            if locked.rowcount != 1:
+                await session.rollback()
+                return False
+            used = (await session.execute(
+                select(func.sum(Sandbox.vcpu * Sandbox.cpu_fraction), func.sum(Sandbox.memory_mib)).where(
+                    Sandbox.worker_id == worker_id, Sandbox.state.in_(LIVE_STATES), Sandbox.id != sandbox_id
+                )
+            )).one()  # fmt: skip
+            used_cpu, used_memory = float(used[0] or 0), int(used[1] or 0)
+            if used_cpu + cpu > cpu_capacity + 1e-9 or used_memory + memory_mib > memory_capacity:
+                await session.rollback()
+                return False
+            placed = await session.execute(
+                update(Sandbox).where(Sandbox.id == sandbox_id, Sandbox.state == "creating").values(worker_id=worker_id)
+            )
+            await session.commit()
+            return placed.rowcount == 1
+
+    # --- worker tokens ------------------------------------------------------------------
+
+    async def create_worker_token(self, name: str) -> CreatedWorkerToken:
+        token = ids.new_worker_token()
+        record = WorkerToken(
+            id=ids.new_worker_token_id(), name=name, token_hash=ids.hash_secret(token), prefix=token[:12],
+            created_at=utcnow(),
+        )  # fmt: skip
+        async with self._session() as session:
+            session.add(record)
+            await session.commit()
+        return CreatedWorkerToken(token=token, token_id=record.id, name=name, prefix=record.prefix)
+
+    async def list_worker_tokens(self) -> list[WorkerToken]:
+        async with self._session() as session:
+            return list(await session.scalars(select(WorkerToken).order_by(WorkerToken.created_at)))
+
+    async def revoke_worker_token(self, token_id_or_prefix: str) -> int:
+        async with self._session() as session:
+            result = await session.execute(
+                update(WorkerToken)
+                .where(
+                    (WorkerToken.id == token_id_or_prefix) | (WorkerToken.prefix == token_id_or_prefix),
+                    WorkerToken.revoked_at.is_(None),
+                )
+                .values(revoked_at=utcnow())
+            )
+            await session.commit()
+            return result.rowcount
+
+    async def worker_token_active(self, token_id: str) -> bool:
+        async with self._session() as session:
+            row = await session.get(WorkerToken, token_id)
+            return row is not None and row.revoked_at is None
+
+    async def authenticate_worker(self, token: str) -> WorkerToken | None:
+        async with self._session() as session:
+            return await session.scalar(
+                select(WorkerToken).where(
+                    WorkerToken.token_hash == ids.hash_secret(token), WorkerToken.revoked_at.is_(None)
+                )
+            )
 
     async def worker_loads(self) -> dict[str, WorkerLoad]:
         async with self._session() as session:
@@ -163,8 +302,12 @@ class Store:
         async with self._session() as session:
             return list(await session.scalars(query))
 
-    async def update_sandbox(self, sandbox_id: str, *, expect_state: tuple[str, ...] | None = None, **values) -> bool:
-        """Update fields; with expect_state, only if the sandbox is in one of those states.
+    async def update_sandbox(
+        self, sandbox_id: str, *, expect_state: tuple[str, ...] | None = None,
+        teardown_started_before: datetime | None = None, **values,
+    ) -> bool:
+        """Update fields; with expect_state, only if the sandbox is in one of those states
+        (and, with teardown_started_before, only if a teardown began before then, or never).
 
         The conditional form is how two actors (an API call and the reaper, or two control
         planes) agree on who performs a transition: the one whose update matched a row.
@@ -172,6 +315,8 @@ class Store:
         query = update(Sandbox).where(Sandbox.id == sandbox_id)
         if expect_state is not None:
             query = query.where(Sandbox.state.in_(expect_state))
+        if teardown_started_before is not None:
+            query = query.where(Sandbox.destroyed_at.is_(None) | (Sandbox.destroyed_at < teardown_started_before))
         async with self._session() as session:
             result = await session.execute(query.values(**values))
             await session.commit()
