@@ -6,4 +6,6 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 .venv/bin/sandboxd template build standard
 .venv/bin/sandboxd template build browser   # tests/test_browser.py (~1 min the first time)
+.venv/bin/sandboxd template build cua       # tests/test_cua.py (~2-4 min the first time)
+.venv/bin/sandboxd template build canvas    # tests/test_canvas.py (~3.5 min the first time)
 exec .venv/bin/pytest "$@"

@@ -106,8 +106,6 @@ def test_create_rejects_huge_body(alice):
     "body, code, field",
     [
         ({"template": "windows"}, "unknown_template", "template"),
-        ({"template": "cua"}, "template_not_available", "template"),
-        ({"template": "canvas"}, "template_not_available", "template"),
         ({"template": "standard", "agent": "gpt-engineer", "llm_key": "k"}, "unknown_agent", "agent"),
     ],
 )

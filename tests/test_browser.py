@@ -174,11 +174,6 @@ def test_service_never_ready_fails_create_cleanly(carol, browser_server):
     assert (record["state"], record["reason"]) == ("destroyed", "create_failed")
 
 
-def test_cua_and_canvas_still_unavailable(carol):
-    for name in ("cua", "canvas"):
-        assert_error(carol.post("/v1/sandboxes", json={"template": name}), 501, "template_not_available", "template")
-
-
 def test_templates_dir_in_cli_list(templates_dir):
     env = dict(os.environ, SANDBOXD_TEMPLATES_DIR=str(templates_dir))
     out = subprocess.run([sys.executable, "-m", "sandboxd", "template", "list"], capture_output=True, text=True,

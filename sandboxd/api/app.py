@@ -9,6 +9,8 @@ import logging
 from fastapi import FastAPI
 
 from sandboxd import __version__
+from sandboxd.api.canvas import router as canvas_router
+from sandboxd.api.desktop import router as desktop_router
 from sandboxd.api.errors import install_error_handlers
 from sandboxd.api.files import router as files_router
 from sandboxd.api.processes import router as processes_router
@@ -61,6 +63,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(proxy_router)  # ports and preview links
     app.include_router(files_router)
     app.include_router(processes_router)  # streaming exec, processes, PTY
+    app.include_router(desktop_router)  # the cua template's desktop
+    app.include_router(canvas_router)  # the canvas template's renderer
     app.include_router(workers_router)  # remote workers register and heartbeat
 
     @app.get("/healthz", tags=["service"])

@@ -100,6 +100,20 @@ class AsyncSandbox:
         params = {"path": path, "depth": depth}
         return (await self.client._call("GET", self._path("/files/list"), params=params)).json()["entries"]
 
+    async def screenshot(self, format: str = "png", **params: Any) -> bytes:
+        """The desktop (template cua) as PNG or JPEG bytes; params: quality, x, y, width, height, scale."""
+        params = {"format": format, **params}
+        return (await self.client._call("GET", self._path("/desktop/screenshot"), params=params)).content
+
+    async def desktop(self, action: str, **body: Any) -> dict:
+        """A desktop call (template cua): desktop("mouse/click", x=10, y=20), desktop("keyboard/type", text="hi"),
+        desktop("keyboard/press", keys="ctrl+l"), desktop("parse"), desktop("stream", view_only=True),
+        desktop("mouse/drag", **{"from": [0, 0], "to": [9, 9]}); "screen", "cursor", "windows" are GETs."""
+        method = "GET" if action in ("screen", "cursor", "windows") else "POST"
+        kwargs = {"json": body} if method == "POST" else {}
+        response = await self.client._call(method, self._path(f"/desktop/{action}"), **kwargs)
+        return response.json()
+
     async def cancel(self) -> dict:
         return (await self.client._call("POST", self._path("/cancel"))).json()
 

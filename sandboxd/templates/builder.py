@@ -91,6 +91,15 @@ in_root '/usr/bin/python3 -s -B -c "import json, select, signal, socket, subproc
 """
 
 
+# pip and npm in the chroot trust the CAs the host trusts (a host may reach PyPI and npm only
+# through a TLS-inspecting proxy whose CA the fresh rootfs lacks); the copy leaves with /tmp.
+HOST_CA_STEP = r"""
+if [ -f /etc/ssl/certs/ca-certificates.crt ]; then cp /etc/ssl/certs/ca-certificates.crt "$R/tmp/sandboxd-host-ca.crt"; fi
+"""
+TRUST_HOST_CA = ("if [ -f /tmp/sandboxd-host-ca.crt ]; then export PIP_CERT=/tmp/sandboxd-host-ca.crt "
+                 "NODE_EXTRA_CA_CERTS=/tmp/sandboxd-host-ca.crt; fi; ")
+
+
 class TemplateBuildError(RuntimeError):
     """A build failed; the message ends with the tail of the build log."""
 
@@ -123,13 +132,16 @@ def _hook_script(spec: TemplateSpec) -> str:
             f"echo {shlex.quote('sandboxd: installing ' + f.dest)}\n"
             f"install -D -m {f.mode:04o} \"$FILES/{i}\" \"$R\"{shlex.quote(f.dest)}\n"
         )
+    if spec.pip_packages or spec.npm_packages:
+        parts.append(HOST_CA_STEP)
     if spec.pip_packages:
         pkgs = " ".join(shlex.quote(p) for p in sorted(spec.pip_packages))
         cmd = f"python3 -m pip install --no-cache-dir --break-system-packages --root-user-action=ignore {pkgs}"
-        parts.append(f"echo 'sandboxd: pip install'\nin_root {shlex.quote(cmd)}\n")
+        parts.append(f"echo 'sandboxd: pip install'\nin_root {shlex.quote(TRUST_HOST_CA + cmd)}\n")
     if spec.npm_packages:
         pkgs = " ".join(shlex.quote(p) for p in sorted(spec.npm_packages))
-        parts.append(f"echo 'sandboxd: npm install'\nin_root {shlex.quote('npm install -g --no-fund --no-audit ' + pkgs)}\n")
+        cmd = "npm install -g --no-fund --no-audit " + pkgs
+        parts.append(f"echo 'sandboxd: npm install'\nin_root {shlex.quote(TRUST_HOST_CA + cmd)}\n")
     for cmd in spec.build_commands:
         parts.append(f"echo {shlex.quote('sandboxd: running ' + cmd[:200])}\nin_root {shlex.quote(cmd)}\n")
     parts.append(HOOK_TAIL)

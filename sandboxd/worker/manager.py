@@ -53,6 +53,7 @@ AGENT_READY_TIMEOUT_SECONDS = 20.0
 GUEST_CODE_DIR = Path(sandboxd.guest.__file__).parent
 AGENTS_CODE_DIR = Path(sandboxd.agents.__file__).parent  # mounted at GUEST_AGENTS_DIR in every sandbox
 GUEST_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # the guest agent's BASE_ENV
+GUEST_OMNIPARSER_DIR = "/opt/omniparser"  # settings.omniparser_dir, in templates with a desktop-api service
 AGENT_KILL_AFTER_TERM_SECONDS = 5.0  # cancel: SIGINT, grace, SIGTERM, this long, SIGKILL
 
 
@@ -263,6 +264,8 @@ class LocalWorker:
             token = secrets.token_urlsafe(32)
             kind = agent_registry.get(request.agent.kind) if request.agent is not None else None
             extra_mounts: list[tuple[Path, str]] = [(AGENTS_CODE_DIR, GUEST_AGENTS_DIR)]
+            if self.settings.omniparser_dir is not None and any(s.name == "desktop-api" for s in spec.services):
+                extra_mounts.append((self.settings.omniparser_dir, GUEST_OMNIPARSER_DIR))
             cli_layer = None
             if kind is not None and kind.needs_cli_layer:
                 cli_layer = await self.cli_layer()
