@@ -6,7 +6,18 @@ import threading
 
 import pytest
 
-from tests.helpers import Server, host_leaks
+from tests.helpers import TEST_RUNTIME, Server, host_leaks
+
+
+def pytest_collection_modifyitems(config, items):
+    """One suite, one pass per runtime (SANDBOXD_TEST_RUNTIME): tests that do not depend on
+    the runtime run in the oci pass only; `only_runtimes` confines a test to some runtimes."""
+    for item in items:
+        only = item.get_closest_marker("only_runtimes")
+        if only is not None and TEST_RUNTIME not in only.args:
+            item.add_marker(pytest.mark.skip(reason=f"only for runtimes {', '.join(only.args)}"))
+        elif TEST_RUNTIME != "oci" and item.get_closest_marker("runtime_independent"):
+            item.add_marker(pytest.mark.skip(reason="runtime independent: covered by the oci pass"))
 
 
 @pytest.fixture(scope="session")

@@ -31,6 +31,9 @@ from tests import fake_llm as fl
 from tests.fake_llm import FakeLLM, outside_fake_llm
 from tests.helpers import standard_rootfs
 
+# Does not depend on the sandbox runtime: runs in the default (oci) pass only.
+pytestmark = pytest.mark.runtime_independent
+
 KEY = "sk-test-0123456789abcdefghijklmnop"
 CONTENT = "hello from the fake model 42\n"
 

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from tests.helpers import Server, assert_error, cli, exec_ok, host_leaks
+from tests.helpers import TEST_RUNTIME, Server, assert_error, cli, exec_ok, host_leaks
 
 VM_ID = re.compile(r"^sbx_[a-z0-9]{8}$")
 
@@ -52,7 +52,7 @@ def test_list_shows_only_own_live_sandboxes_with_user_id(alice, bob, server):
         items = {item["vm_id"]: item for item in listing.json()}
         item = items[created["vm_id"]]
         assert set(item) == {"vm_id", "state", "vcpu", "cpu_fraction", "memory_mib", "runtime", "metadata"}
-        assert item["runtime"] == "oci"
+        assert item["runtime"] == TEST_RUNTIME
         assert item["metadata"]["tag"] == "prod"
         assert item["metadata"]["user_id"].startswith("usr_")
         assert created["vm_id"] not in {i["vm_id"] for i in bob.get("/v1/sandboxes").json()}
@@ -178,7 +178,7 @@ def test_unknown_sandbox_is_404(alice, vm_id):
 
 
 def test_exec_runs_in_workspace_and_reports_exit_code(alice, sandbox):
-    body = exec_ok(alice, sandbox, "echo hello && pwd && ls -d /workspace")
+    body = exec_ok(alice, sandbox, "echo hello && pwd && test -d /workspace && echo /workspace")
     assert body["output"] == "hello\n/workspace\n/workspace\n"
     assert body["exit_code"] == 0 and body["timed_out"] is False and body["truncated"] is False
     failed = exec_ok(alice, sandbox, "echo out; echo err >&2; exit 3")

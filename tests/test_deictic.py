@@ -20,6 +20,9 @@ from sandboxd.agents.deictic_kind import CONFIG_PATH, DEICTIC
 from sandboxd.errors import BadRequest
 from tests.fake_llm import FakeLLM, error, stall, text, tool
 
+# Does not depend on the sandbox runtime: runs in the default (oci) pass only.
+pytestmark = pytest.mark.runtime_independent
+
 SCRIPT = Path(__file__).resolve().parent.parent / "sandboxd" / "agents" / "deictic.py"
 PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else "python3"  # what sandboxes run
 KEY = "sk-test-0123456789abcdef-SECRET"

@@ -26,7 +26,8 @@ from sandboxd.guest.client import GuestClient, GuestError, GuestUnavailable
 from sandboxd.guest.protocol import PROTOCOL_VERSION
 from tests.helpers import standard_rootfs
 
-pytestmark = pytest.mark.timeout(120)
+# Runs the agent on the host, whatever the runtime: the default (oci) pass only.
+pytestmark = [pytest.mark.timeout(120), pytest.mark.runtime_independent]
 
 AGENT = Path(guest_pkg.__file__).resolve().parent / "agent.py"
 PY = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable

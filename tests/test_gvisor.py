@@ -16,6 +16,9 @@ import pytest
 from sandboxd.runtime.gvisor import AGENT_PORT
 from tests.helpers import Server, assert_error, exec_ok
 
+# Does not depend on the sandbox runtime: runs in the default (oci) pass only.
+pytestmark = pytest.mark.runtime_independent
+
 needs_runsc = pytest.mark.skipif(shutil.which("runsc") is None, reason="runsc (gVisor) is not installed")
 
 GUEST_IP = (
@@ -92,6 +95,15 @@ def test_gvisor_sandbox_reports_its_runtime_and_runs_in_gvisor(client, gv):
     kernel = exec_ok(client, gv, "dmesg | head -1; uname -r")["output"]
     assert "gVisor" in kernel, kernel
     assert exec_ok(client, gv, "echo out; echo err >&2; exit 3")["exit_code"] == 3
+
+
+@needs_runsc
+def test_coreutils_stat_works_through_the_statx_shim(client, gv):
+    listing = exec_ok(client, gv, "ls -l /etc/passwd && stat -c '%s %F' /etc/hostname && cp -a /etc /tmp/etc-copy")
+    assert listing["exit_code"] == 0 and "Invalid argument" not in listing["output"], listing
+    # the shim only drops AT_NO_AUTOMOUNT: the programs see what the file really is
+    assert "regular file" in listing["output"]
+    assert exec_ok(client, gv, "cat /etc/ld.so.preload")["output"].strip().endswith("statx-compat.so")
 
 
 @needs_runsc

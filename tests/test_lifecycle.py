@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
-import subprocess
 
 import pytest
 
-from tests.helpers import Server, exec_ok, host_leaks, wait_for
+from tests.helpers import TEST_RUNTIME, Server, exec_ok, host_leaks, kill_sandbox, wait_for
 
 
 def state_of(client, vm_id):
@@ -46,21 +43,10 @@ def test_sandbox_past_its_lifetime_is_destroyed_even_when_busy(alice):
         alice.delete(f"/v1/sandboxes/{vm_id}")
 
 
-def _agent_pid(vm_id: str) -> int:
-    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    for line in ps.splitlines():
-        if "/opt/sandboxd/guest/agent.py" in line:
-            pid = int(line.split()[0])
-            with open(f"/proc/{pid}/cgroup") as cgroups:
-                if f"/{vm_id}" in cgroups.read():
-                    return pid
-    raise LookupError(vm_id)
-
-
 def test_sandbox_whose_init_dies_is_marked_lost_and_cleaned_up(alice):
     vm_id = alice.post("/v1/sandboxes", json={"template": "standard"}).json()["vm_id"]
     try:
-        os.kill(_agent_pid(vm_id), signal.SIGKILL)
+        kill_sandbox(vm_id)
         body = wait_for(lambda: (s := state_of(alice, vm_id))["state"] == "destroyed" and s, timeout=20)
         assert body["reason"] == "lost"
         assert not [leak for leak in host_leaks() if vm_id in leak]
@@ -68,7 +54,7 @@ def test_sandbox_whose_init_dies_is_marked_lost_and_cleaned_up(alice):
         alice.delete(f"/v1/sandboxes/{vm_id}")
 
 
-@pytest.mark.parametrize("runtime", ["crun", "runc"])
+@pytest.mark.parametrize("runtime", ["crun", "runc"] if TEST_RUNTIME == "oci" else [TEST_RUNTIME])
 def test_kill_9_restart_readopts_survivors_and_marks_the_dead_lost(runtime):
     srv = Server("--runtime", runtime, "--reaper-interval", "0.5").start()
     key = srv.create_key("frank")
@@ -78,7 +64,7 @@ def test_kill_9_restart_readopts_survivors_and_marks_the_dead_lost(runtime):
             victim = client.post("/v1/sandboxes", json={"template": "standard"}).json()["vm_id"]
             exec_ok(client, survivor, "echo kept > /workspace/state")
         srv.kill()
-        os.kill(_agent_pid(victim), signal.SIGKILL)  # dies while nobody watches
+        kill_sandbox(victim)  # dies while nobody watches
         srv.start()
         with srv.client(key) as client:
             assert state_of(client, survivor)["state"] == "running"
@@ -95,6 +81,7 @@ def test_kill_9_restart_readopts_survivors_and_marks_the_dead_lost(runtime):
         srv.remove_data()
 
 
+@pytest.mark.only_runtimes("oci")  # the others reach their agent over TCP, not a socket in the sandbox
 def test_restart_does_not_follow_a_socket_symlink_planted_inside(tmp_path):
     host_socket = tmp_path / "host-service.sock"
     listener = socket.socket(socket.AF_UNIX)

@@ -31,9 +31,12 @@ REPO_GUEST_DIR = Path(__file__).resolve().parent.parent / "sandboxd" / "guest"
 OUTSIDE_HOST_IP, OUTSIDE_IP = "198.18.0.1", "198.18.0.2"
 PRIVATE_HOST_IP, PRIVATE_IP = "192.168.77.1", "192.168.77.2"
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not shutil.which("nft") or not shutil.which("crun"), reason="needs root, nft and crun"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        os.geteuid() != 0 or not shutil.which("nft") or not shutil.which("crun"), reason="needs root, nft and crun"
+    ),
+    pytest.mark.runtime_independent,  # drives NetworkManager directly: the default (oci) pass only
+]
 
 STAND_IN_AGENT = """\
 import socket

@@ -5,6 +5,9 @@ import pytest
 from sandboxd.errors import NoCapacity, NoWorkers
 from sandboxd.scheduler.placement import Candidate, Demand, rank_workers
 
+# Does not depend on the sandbox runtime: runs in the default (oci) pass only.
+pytestmark = pytest.mark.runtime_independent
+
 STANDARD = Demand(cpu=0.5, memory_mib=512)
 
 

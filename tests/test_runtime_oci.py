@@ -24,6 +24,9 @@ from sandboxd.runtime.base import LaunchSpec, Resources
 from sandboxd.runtime.oci import OciError, OciRuntime
 from tests.helpers import standard_rootfs
 
+# Does not depend on the sandbox runtime: runs in the default (oci) pass only.
+pytestmark = pytest.mark.runtime_independent
+
 ROOTFS = standard_rootfs()
 REPO_GUEST_DIR = Path(__file__).resolve().parent.parent / "sandboxd" / "guest"
 DOCKER_CAPS_MASK = "00000000a80425fb"

@@ -21,6 +21,9 @@ from sandboxd.guest.client import GuestClient
 from sandboxd.guest.protocol import PROTOCOL_VERSION
 from tests.helpers import free_port, wait_for
 
+# Does not depend on the sandbox runtime: runs in the default (oci) pass only.
+pytestmark = pytest.mark.runtime_independent
+
 AGENT = Path(guest_pkg.__file__).resolve().parent / "agent.py"
 PY = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 

@@ -27,6 +27,9 @@ from sandboxd.templates.spec import (
     loads,
 )
 
+# Does not depend on the sandbox runtime: runs in the default (oci) pass only.
+pytestmark = pytest.mark.runtime_independent
+
 MINIMAL = 'name = "tiny"\n'
 
 

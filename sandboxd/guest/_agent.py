@@ -588,6 +588,10 @@ def read_boot(run_dir):
         os.unlink(path)  # it carries the token
     except OSError as e:
         sys.stderr.write("sandboxd-agent: cannot delete %s: %s\n" % (path, e))
+    return parse_boot(raw, path)
+
+
+def parse_boot(raw, path):
     try:
         boot = json.loads(raw)
     except ValueError:
@@ -623,13 +627,14 @@ def read_boot(run_dir):
 
 
 def parse_args(argv):
-    opts = {"run_dir": GUEST_RUN_DIR, "listen": None, "workspace": WORKSPACE_DIR}
+    opts = {"run_dir": GUEST_RUN_DIR, "listen": None, "workspace": WORKSPACE_DIR, "boot_port": None}
     it = iter(argv)
     for arg in it:
         name, eq, val = arg.partition("=")
-        key = {"--run-dir": "run_dir", "--listen": "listen", "--workspace": "workspace"}.get(name)
+        key = {"--run-dir": "run_dir", "--listen": "listen", "--workspace": "workspace",
+               "--boot-port": "boot_port"}.get(name)
         if key is None:
-            raise SystemExit("usage: agent.py [--run-dir DIR] [--listen HOST:PORT] [--workspace DIR]")
+            raise SystemExit("usage: agent.py [--run-dir DIR] [--listen HOST:PORT] [--workspace DIR] [--boot-port DEV]")
         if not eq:
             val = next(it, None)
             if val is None:
@@ -641,7 +646,12 @@ def parse_args(argv):
 def main(argv):
     opts = parse_args(argv)
     os.umask(0o022)
-    boot = read_boot(opts["run_dir"])
+    if opts["boot_port"]:  # a microVM: the worker sends the config over virtio-serial (_vmboot)
+        from _vmboot import await_boot
+
+        boot = await_boot(opts["boot_port"], parse_boot)
+    else:
+        boot = read_boot(opts["run_dir"])
     os.makedirs(opts["workspace"], exist_ok=True)
     agent = Agent(opts["run_dir"], opts["workspace"], boot)
     if os.getpid() == 1:

@@ -22,6 +22,8 @@ pulls in dataclasses/inspect), and the agent only needs the request side of HTTP
 """
 
 import json
+import socket
+import time
 
 MAX_HEAD_BYTES = 64 * 1024
 MAX_HEADERS = 100
@@ -29,6 +31,7 @@ MAX_BODY_BYTES = 8 * 1024 * 1024
 REQUEST_TIMEOUT = 30.0  # once a request has started, its head and body must arrive within this
 SEND_TIMEOUT = 120.0  # a peer that stops reading a response is dropped after this
 RECV_SIZE = 65536
+LINGER_SECONDS = 2.0  # how long a closing connection drains what the peer still sends
 
 REASONS = {
     100: "Continue", 200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request",
@@ -363,6 +366,22 @@ class Connection:
             while self._serve_one():
                 pass
         except (EOFError, OSError):  # peer went away, timeouts (socket.timeout is an OSError)
+            pass
+        finally:
+            self._lingering_close()
+
+    def _lingering_close(self):
+        """Over TCP (gVisor, VMs), closing with unread request bytes sends a reset that can
+        destroy the answer still in flight to the peer: half-close first and drain what the
+        peer still sends, briefly, as HTTP servers do."""
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + LINGER_SECONDS
+            while (left := deadline - time.monotonic()) > 0:
+                self.sock.settimeout(left)
+                if not self.sock.recv(RECV_SIZE):
+                    break
+        except OSError:
             pass
         finally:
             try:

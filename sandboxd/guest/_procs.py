@@ -113,6 +113,21 @@ def forget_child(agent, pid, waiter):
         os.close(waiter.fd)
 
 
+def _peer_closed(fd):
+    """True when the connected socket fd reads EOF (peeked: nothing is consumed)."""
+    import socket
+
+    sock = socket.socket(fileno=os.dup(fd))
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    finally:
+        sock.close()
+
+
 def pump_output(pid, fds, notify_r, deadline, on_data, on_timeout=None, hangup_fd=-1):
     """Read a command's pipes until it has exited and they drained (DRAIN_SECONDS at most
     after its exit). At `deadline` (monotonic; None for no limit), or when `hangup_fd`
@@ -124,8 +139,8 @@ def pump_output(pid, fds, notify_r, deadline, on_data, on_timeout=None, hangup_f
     poller = select.poll()
     for fd in list(open_fds) + [notify_r]:
         poller.register(fd, select.POLLIN)
-    if hangup_fd >= 0:
-        poller.register(hangup_fd, select.POLLRDHUP)
+    if hangup_fd >= 0:  # POLLIN too: gVisor's TCP reports a peer's close only as EOF
+        poller.register(hangup_fd, select.POLLRDHUP | select.POLLIN)
     timed_out = gone = exited = False
     end_by = None  # after exit: the drain deadline; after a kill: the give-up deadline
     while True:
@@ -154,9 +169,12 @@ def pump_output(pid, fds, notify_r, deadline, on_data, on_timeout=None, hangup_f
             events = poller.poll(max(0, int(wait * 1000) + 1))
         except InterruptedError:
             continue
-        for fd, _ev in events:
+        for fd, ev in events:
             if fd == hangup_fd:
                 poller.unregister(hangup_fd)
+                if ev & select.POLLIN and not ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR) \
+                        and not _peer_closed(hangup_fd):
+                    continue  # bytes from a client still there (a pipelined request): not a hang-up
                 if not exited and not timed_out:
                     gone = True
                     kill_session(pid)

@@ -7,7 +7,7 @@ when one was shipped next to them.
 
 Usage (tests run it on the host as an ordinary process)::
 
-    python3 agent.py [--run-dir DIR] [--listen HOST:PORT] [--workspace DIR]
+    python3 agent.py [--run-dir DIR] [--listen HOST:PORT] [--workspace DIR] [--boot-port DEV]
 """
 
 import os

@@ -21,6 +21,7 @@ Differences from crun/runc:
   connections into a sandbox; other sandboxes may not (the nftables forward rules drop
   sandbox → sandbox), the ``host_port`` DNAT only targets port 9090, and every request
   still needs the sandbox's bearer token.
+* coreutils: runsc's statx gap is bridged by a preloaded shim (runtime/gvisor_compat.py).
 * Seccomp: the bundle's profile is not applied to the workload (runsc without
   ``--oci-seccomp`` ignores it); the Sentry itself runs under runsc's own tight filter
   and the workload never reaches the host kernel. Capabilities are the bundle's.
@@ -44,6 +45,7 @@ from pathlib import Path
 
 from sandboxd.guest.protocol import AGENT_ARGV
 from sandboxd.runtime.base import LaunchSpec
+from sandboxd.runtime.gvisor_compat import build_shim, shim_mounts
 from sandboxd.runtime.oci import (
     _MS_NODEV,
     _MS_NOEXEC,
@@ -174,12 +176,15 @@ class GvisorRuntime(OciRuntime):
         super().__init__("runsc", state_root, nameservers=nameservers, binary_path=binary_path)
         self.platform = platform
         self._preexec = hide_proc_sys_net
+        self._statx_shim = build_shim(state_root.parent / "gvisor-compat")
 
     def _global_flags(self) -> list[str]:
         return [f"--platform={self.platform}", "--network=sandbox"]
 
     def _adjust_config(self, config: dict, spec: LaunchSpec) -> dict:
         config["process"]["args"] = [*AGENT_ARGV, "--listen", f"0.0.0.0:{AGENT_PORT}"]
+        if self._statx_shim is not None:
+            config["mounts"] += shim_mounts(self._statx_shim)
         return config
 
     async def list_running(self) -> set[str]:

@@ -32,6 +32,7 @@ from sandboxd.guest.client import GuestClient, GuestError, GuestUnavailable
 from sandboxd.guest.protocol import BOOT_CONFIG_NAME, PROTOCOL_VERSION, SOCKET_NAME
 from sandboxd.runtime.base import LaunchSpec, Resources
 from sandboxd.runtime.gvisor import GvisorRuntime, probe_platform, runsc_path
+from sandboxd.runtime.microvm import MicrovmRuntime
 from sandboxd.runtime.network import NetworkManager, NetworkSlot
 from sandboxd.runtime.oci import OciRuntime, default_nameservers
 from sandboxd.templates.builder import TemplateStore
@@ -52,8 +53,8 @@ T = TypeVar("T")
 AGENT_READY_TIMEOUT_SECONDS = 20.0
 GUEST_CODE_DIR = Path(sandboxd.guest.__file__).parent
 AGENTS_CODE_DIR = Path(sandboxd.agents.__file__).parent  # mounted at GUEST_AGENTS_DIR in every sandbox
-GUEST_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # the guest agent's BASE_ENV
 GUEST_OMNIPARSER_DIR = "/opt/omniparser"  # settings.omniparser_dir, in templates with a desktop-api service
+GUEST_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # the guest agent's BASE_ENV
 AGENT_KILL_AFTER_TERM_SECONDS = 5.0  # cancel: SIGINT, grace, SIGTERM, this long, SIGKILL
 
 
@@ -115,7 +116,7 @@ class LocalWorker:
         )
         # Runtimes offered, by API name (README: Runtimes); `gvisor` joins in start() when
         # runsc is installed and boots here.
-        self.runtimes: dict[str, OciRuntime] = {"oci": self.runtime}
+        self.runtimes: dict[str, OciRuntime | MicrovmRuntime] = {"oci": self.runtime}
         self.default_runtime = "oci"
         self.gvisor_platform: str | None = None
         self._nameservers = nameservers
@@ -140,9 +141,17 @@ class LocalWorker:
         # The guest code is mounted read-only and run with -B; byte-compiling it here once
         # (the venv's python is Debian's, the same as the templates') saves each start ~8 ms.
         await asyncio.to_thread(compileall.compile_dir, str(GUEST_CODE_DIR), quiet=1)
+        await self._setup_microvm()
         await self._setup_gvisor()
         await self.network.setup_host()
         await self._recover()
+
+    async def _setup_microvm(self) -> None:
+        """Offer `microvm` when QEMU, the cloud kernel and busybox-static are installed (the
+        KVM-or-TCG probe runs once per boot; runtime/microvm.py)."""
+        microvm = await MicrovmRuntime.create(self._state_root, self.settings.cache_dir / "microvm", self._nameservers)
+        if microvm is not None:
+            self.runtimes["microvm"] = microvm
 
     async def _setup_gvisor(self) -> None:
         """Offer `gvisor` when runsc is installed and a platform boots (probed once per boot)."""
@@ -230,7 +239,8 @@ class LocalWorker:
             runtimes=list(self.runtimes),
             default_runtime=self.default_runtime,
             runtime_details={
-                name: {"binary": rt.name, **({"platform": rt.platform} if isinstance(rt, GvisorRuntime) else {})}
+                name: rt.details() if isinstance(rt, MicrovmRuntime) else
+                {"binary": rt.name, **({"platform": rt.platform} if isinstance(rt, GvisorRuntime) else {})}
                 for name, rt in self.runtimes.items()
             },
             templates=[name for name in ("standard", "browser", "cua", "canvas") if self.templates.get(name)],
@@ -319,7 +329,8 @@ class LocalWorker:
                     )
                 await runtime.launch(launch)
                 undo.push_async_callback(runtime.destroy, request.vm_id, runtime_dir)
-                client = GuestClient(self._agent_target(runtime_name, request.vm_id, slot), token)
+                agent_target = self._agent_target(runtime_name, request.vm_id, slot)
+                client = GuestClient(agent_target, token)
                 undo.push_async_callback(client.aclose)
                 try:
                     await client.wait_ready(timeout=AGENT_READY_TIMEOUT_SECONDS)
@@ -334,8 +345,9 @@ class LocalWorker:
                     "template": request.template,
                     "image_name": image.image_name,
                     "digest": image.digest,
-                    "runtime": runtime_name,  # oci | gvisor
-                    "oci_binary": runtime.name,  # crun | runc | runsc
+                    "runtime": runtime_name,  # oci | gvisor | microvm
+                    "oci_binary": runtime.name,  # crun | runc | runsc | qemu-system-x86_64
+                    "guest_agent": agent_target,  # for operators and tests; recovery recomputes it
                     "token": token,
                     "slot": asdict(slot) | {"netns_path": str(slot.netns_path)},
                 }
