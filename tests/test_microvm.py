@@ -30,6 +30,7 @@ from sandboxd.runtime import microvm_images
 from sandboxd.runtime.microvm import AGENT_PORT, MicrovmRuntime
 from sandboxd.worker.manager import GUEST_CODE_DIR
 from tests.helpers import Server, assert_error, exec_ok, free_port
+from tests.test_isolation import can_connect, start_http_server
 
 pytestmark = pytest.mark.runtime_independent  # runs in the default pass only; it picks microvm itself
 
@@ -203,31 +204,14 @@ def test_vcpu_memory_cpu_quota_and_pids_limits(client, clones):
     assert exec_ok(client, vm_id, "echo alive")["output"] == "alive\n"
 
 
-def _start_http_server(client, vm_id: str, port: int = 9090) -> None:
-    exec_ok(client, vm_id, f"echo served-by-{vm_id} > /workspace/index.html")
-    serve = f"import http.server as h, socketserver as s; s.TCPServer(('', {port}), h.SimpleHTTPRequestHandler).serve_forever()"
-    exec_ok(client, vm_id, f'cd /workspace && nohup python3 -c "{serve}" >/dev/null 2>&1 &')
-    probe = f"python3 -c \"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=1)\""
-    for _ in range(100):
-        if exec_ok(client, vm_id, probe)["exit_code"] == 0:
-            return
-        time.sleep(0.1)
-    raise TimeoutError("http.server did not start")
-
-
-def _can_connect(client, vm_id: str, host: str, port: int) -> bool:
-    probe = f"python3 -c \"import socket; socket.create_connection(('{host}', {port}), timeout=2)\""
-    return exec_ok(client, vm_id, probe)["exit_code"] == 0
-
-
 def test_host_port_reaches_9090_and_sandboxes_cannot_reach_each_other(mv_server, client, cold, clones):
     srv, _ = mv_server
-    _start_http_server(client, clones[1])
+    start_http_server(client, clones[1])
     endpoint = client.get(f"/v1/sandboxes/{clones[1]}").json()["endpoint"]
     assert httpx.get(endpoint + "/index.html", timeout=10).text == f"served-by-{clones[1]}\n"
     other_ip = _state(srv, clones[1])["slot"]["guest_ip"]
-    assert not _can_connect(client, cold, other_ip, 9090)
-    assert not _can_connect(client, cold, other_ip, AGENT_PORT)
+    assert not can_connect(client, cold, other_ip, 9090)
+    assert not can_connect(client, cold, other_ip, AGENT_PORT)
 
 
 # Host services, egress NAT and the rest of the network rules: tests/test_isolation.py, run

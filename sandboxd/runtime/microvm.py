@@ -66,7 +66,14 @@ from sandboxd.errors import WorkerFailure
 from sandboxd.guest.protocol import BOOT_CONFIG_NAME, GUEST_CODE_DIR
 from sandboxd.runtime import microvm_images as images
 from sandboxd.runtime.base import LaunchSpec
-from sandboxd.runtime.oci import CGROUP_ROOT, MKFS_EXT4, OciError, _remove_cgroups, _run_tool, default_nameservers
+from sandboxd.runtime.oci import (
+    CGROUP_ROOT,
+    OciError,
+    _remove_cgroups,
+    _run_tool,
+    default_nameservers,
+    make_sparse_ext4,
+)
 from sandboxd.runtime.oci_spec import render_hosts
 
 log = logging.getLogger(__name__)
@@ -462,13 +469,10 @@ def _sizes(shape: dict) -> dict:
 
 
 async def _make_upper(image: Path, size_mib: int) -> None:
-    fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.ftruncate(fd, size_mib * 1024 * 1024)
-    finally:
-        os.close(fd)
-    await _tool(MKFS_EXT4, "-q", "-F", "-m", "0", "-O", "^has_journal",
-                    "-E", "nodiscard,lazy_itable_init=1", str(image))  # fmt: skip
+        await make_sparse_ext4(image, size_mib)
+    except OciError as exc:
+        raise MicrovmError(str(exc)) from None
 
 
 async def _tool(*argv: str) -> None:

@@ -487,6 +487,12 @@ async def _make_layer_fs(image: Path, mountpoint: Path, size_mib: int) -> None:
     tables; mounted with ``discard`` so files deleted inside give their space back to the host.
     ``mount -o loop`` sets autoclear: the loop device goes away with the last unmount.
     """
+    await make_sparse_ext4(image, size_mib)
+    await _run_tool("mount", "-t", "ext4", "-o", "loop,discard,noatime", str(image), str(mountpoint))
+
+
+async def make_sparse_ext4(image: Path, size_mib: int) -> None:
+    """A new sparse file of size_mib with an empty ext4 on it (see _make_layer_fs for the options)."""
     fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.ftruncate(fd, size_mib * 1024 * 1024)
@@ -494,7 +500,6 @@ async def _make_layer_fs(image: Path, mountpoint: Path, size_mib: int) -> None:
         os.close(fd)
     await _run_tool(MKFS_EXT4, "-q", "-F", "-m", "0", "-O", "^has_journal",
                     "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1", str(image))  # fmt: skip
-    await _run_tool("mount", "-t", "ext4", "-o", "loop,discard,noatime", str(image), str(mountpoint))
 
 
 async def _run_tool(*argv: str) -> None:
