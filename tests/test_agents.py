@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import sqlite3
 import time
 from pathlib import Path
@@ -339,12 +340,22 @@ def _cli_kind_available(api, agent: str) -> bool:
     return response.status_code == 400
 
 
+@pytest.mark.skipif(shutil.which("runsc") is None, reason="runsc (gVisor) is not installed")
+def test_codex_is_refused_on_gvisor(api, fake):
+    """codex never reaps its tools' shells under Debian's 2022 gVisor, so its turn would never
+    end: a clear 400 instead of a run that hangs (README: Runtimes)."""
+    if not _cli_kind_available(api, "codex"):
+        pytest.skip("codex is not available in this checkout")
+    body = {"agent": "codex", "model": "gpt-5", "llm_key": LLM_KEY, "llm_base_url": fake.openai_url}
+    assert_error(create(api, runtime="gvisor", task="write cli.txt", **body), 400, "agent_unsupported", "agent")
+    assert_error(create(api, runtime="gvisor", **body), 400, "agent_unsupported", "agent")  # no task: same CLI
+
+
 @pytest.mark.parametrize(
     "agent, model, url_attr, version_command",
     [
         ("claude-code", "claude-sonnet-4-5", "anthropic_url", "claude --version"),
-        # codex never reaps its shell tool's child under Debian's 2022 gVisor (it stays a
-        # zombie and the turn never ends): README, Runtimes
+        # refused on gVisor: test_codex_is_refused_on_gvisor
         pytest.param("codex", "gpt-5", "openai_url", "codex --version", marks=pytest.mark.only_runtimes("oci")),
     ],
 )

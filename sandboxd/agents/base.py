@@ -41,6 +41,8 @@ class CliLayer:
 class AgentKind(Protocol):
     name: str  # "claude-code" | "codex" | "deictic"
     needs_cli_layer: bool
+    # runtimes this agent cannot work on, with the reason (a create there is 400 agent_unsupported)
+    unsupported_runtimes: dict[str, str]
 
     def check_model(self, model: str | None) -> None:
         """Raise sandboxd.errors.BadRequest(field="model", code="invalid_model" | "missing_field")."""

@@ -48,6 +48,7 @@ _MODEL = re.compile(r"claude[A-Za-z0-9._:@/-]{0,122}")
 class ClaudeCodeKind:
     name = "claude-code"
     needs_cli_layer = True
+    unsupported_runtimes: dict[str, str] = {}
     provider = "anthropic"
     default_base_url = DEFAULT_BASE_URL
 

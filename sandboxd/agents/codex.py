@@ -57,6 +57,9 @@ def _toml_str(value: str) -> str:
 class CodexKind:
     name = "codex"
     needs_cli_layer = True
+    unsupported_runtimes = {  # README: Runtimes
+        "gvisor": "under Debian's 2022 gVisor codex never reaps its tools' shells and its turn never ends",
+    }
     provider = "openai"
     default_base_url = DEFAULT_BASE_URL
 

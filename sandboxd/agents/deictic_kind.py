@@ -22,6 +22,7 @@ _MODEL = re.compile(r"(claude|gpt|o[0-9])[A-Za-z0-9._:@/-]{0,124}")
 class DeicticKind:
     name = "deictic"
     needs_cli_layer = False
+    unsupported_runtimes: dict[str, str] = {}
 
     def check_model(self, model: str | None) -> None:
         if not model:

@@ -312,8 +312,8 @@ class SandboxService:
         await self._mark_destroyed(sandbox.id, "create_failed")
         if last_error is None:  # every claim lost: others filled the workers meanwhile
             raise NoCapacity("no capacity on any worker for this sandbox")
-        if isinstance(last_error, NoCapacity) or getattr(last_error, "code", None) in SERVICE_ERRORS:
-            raise last_error  # a template service that never got ready names itself
+        if isinstance(last_error, (NoCapacity, BadRequest)) or getattr(last_error, "code", None) in SERVICE_ERRORS:
+            raise last_error  # the request itself (400), or a template service that never got ready, names itself
         if getattr(last_error, "code", None) == "worker_unreachable":
             raise NoWorkers(f"no worker could be reached: {last_error.message}")
         raise WorkerFailure(f"no worker could create the sandbox: {last_error.message}")

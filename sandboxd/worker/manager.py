@@ -273,6 +273,14 @@ class LocalWorker:
             runtime_dir = sandbox_dir / "runtime"
             token = secrets.token_urlsafe(32)
             kind = agent_registry.get(request.agent.kind) if request.agent is not None else None
+            runtime_name = request.runtime or self.default_runtime
+            if kind is not None and runtime_name in kind.unsupported_runtimes:
+                raise BadRequest(
+                    f"agent: {kind.name} does not work on the {runtime_name} runtime "
+                    f"({kind.unsupported_runtimes[runtime_name]}); ask for another \"runtime\"",
+                    code="agent_unsupported",
+                    field="agent",
+                )
             extra_mounts: list[tuple[Path, str]] = [(AGENTS_CODE_DIR, GUEST_AGENTS_DIR)]
             if self.settings.omniparser_dir is not None and any(s.name == "desktop-api" for s in spec.services):
                 extra_mounts.append((self.settings.omniparser_dir, GUEST_OMNIPARSER_DIR))
@@ -319,7 +327,6 @@ class LocalWorker:
                     state_dir=runtime_dir,
                     extra_ro_mounts=tuple(extra_mounts),
                 )
-                runtime_name = request.runtime or self.default_runtime
                 runtime = self.runtimes.get(runtime_name)
                 if runtime is None:
                     raise BadRequest(
