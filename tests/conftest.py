@@ -86,3 +86,15 @@ def host_listener():
     listener.close()
     for conn in accepted:
         conn.close()
+
+
+@pytest.fixture
+def host_unix_listener(tmp_path):
+    """A unix socket service on the host, as a container engine or database socket would be."""
+    path = tmp_path / "host-service.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    listener.listen()
+    listener.settimeout(0.2)
+    yield path, listener
+    listener.close()

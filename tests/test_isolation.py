@@ -5,7 +5,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import socket
 import subprocess
 import time
 import uuid
@@ -264,18 +263,6 @@ def test_egress_is_nated_to_the_outside(alice, sandbox, outside_host):
         time.sleep(0.2)
     assert body["exit_code"] == 0, body
     assert body["output"].strip() == "198.18.0.1"  # masqueraded: the outside sees the host, not the sandbox
-
-
-@pytest.fixture
-def host_unix_listener(tmp_path):
-    """A unix socket service on the host, as a container engine or database socket would be."""
-    path = tmp_path / "host-service.sock"
-    listener = socket.socket(socket.AF_UNIX)
-    listener.bind(str(path))
-    listener.listen()
-    listener.settimeout(0.2)
-    yield path, listener
-    listener.close()
 
 
 def test_socket_swapped_inside_cannot_redirect_the_worker(alice, sandbox, host_unix_listener):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 
 from tests.helpers import TEST_RUNTIME, Server, exec_ok, host_leaks, kill_sandbox, wait_for
@@ -82,11 +80,8 @@ def test_kill_9_restart_readopts_survivors_and_marks_the_dead_lost(runtime):
 
 
 @pytest.mark.only_runtimes("oci")  # the others reach their agent over TCP, not a socket in the sandbox
-def test_restart_does_not_follow_a_socket_symlink_planted_inside(tmp_path):
-    host_socket = tmp_path / "host-service.sock"
-    listener = socket.socket(socket.AF_UNIX)
-    listener.bind(str(host_socket))
-    listener.listen()
+def test_restart_does_not_follow_a_socket_symlink_planted_inside(host_unix_listener):
+    host_socket, listener = host_unix_listener
     listener.settimeout(0.5)
     srv = Server().start()
     key = srv.create_key("grace")
@@ -105,7 +100,6 @@ def test_restart_does_not_follow_a_socket_symlink_planted_inside(tmp_path):
             listener.accept()
         assert not [leak for leak in host_leaks() if vm_id in leak]
     finally:
-        listener.close()
         srv.destroy_all([key])
         srv.stop()
         srv.remove_data()
